@@ -1,0 +1,168 @@
+"""The UNet's transformer layers: `SpatialTransformer` -> `BasicTransformerBlock` -> `CrossAttention`.
+
+Layouts: feature maps are (B, C, H, W); inside the transformer they are token sequences (B, N, C) with
+N = H * W; attention heads are split as (B, heads, N, dim_head). Attention always goes through
+`torch.nn.functional.scaled_dot_product_attention`, so no N x N matrix is built by this code and the
+fused kernels (flash / memory-efficient on CUDA, flash on CPU) are used where torch has them.
+
+Each `BasicTransformerBlock` has two attention layers:
+- `attn1`, self-attention: the image's tokens attend to the image's own tokens;
+- `attn2`, cross-attention: the image's tokens attend to the text tokens (the prompt).
+
+Batch-shared self-attention (the project's headline feature) changes only `attn1`: when a controller
+from `ldm/modules/shared_attention.py` marks a layer, that layer hands q, k, v to the controller, which
+decides which keys and values each image's queries see. Everything about that mode, and the reasoning
+behind it, lives in that one file.
+"""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
+from ldm.util import default
+
+if TYPE_CHECKING:  # only for type hints; the controller imports this module, not the reverse
+    from ldm.modules.shared_attention import SharedAttention
+
+
+class GEGLU(nn.Module):
+    """Gated GELU feed-forward input (Shazeer 2020): one projection to 2x width, half gates the other."""
+
+    def __init__(self, dim_in: int, dim_out: int):
+        super().__init__()
+        self.proj = nn.Linear(dim_in, dim_out * 2)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x, gate = self.proj(x).chunk(2, dim=-1)
+        return x * F.gelu(gate)
+
+
+class FeedForward(nn.Module):
+    def __init__(self, dim: int, dim_out: Optional[int] = None, mult: int = 4, glu: bool = False,
+                 dropout: float = 0.0):
+        super().__init__()
+        inner_dim = int(dim * mult)
+        dim_out = default(dim_out, dim)
+        project_in = GEGLU(dim, inner_dim) if glu else nn.Sequential(nn.Linear(dim, inner_dim), nn.GELU())
+        self.net = nn.Sequential(project_in, nn.Dropout(dropout), nn.Linear(inner_dim, dim_out))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.net(x)
+
+
+class CrossAttention(nn.Module):
+    """Multi-head attention of `x` over `context` (self-attention when `context` is None).
+
+    Two plain attributes (not parameters, so not in the state dict) serve batch-shared attention:
+    - `tag`: the resolution group of a self-attention layer, e.g. "down.64", set by `UNetModel` when it
+      builds the layer (None for cross-attention layers, which are never shared);
+    - `batch_sharing`: the active `SharedAttention` controller, or None. Only the controller sets it.
+    """
+
+    def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8,
+                 dim_head: int = 64, dropout: float = 0.0):
+        super().__init__()
+        inner_dim = dim_head * heads
+        context_dim = default(context_dim, query_dim)
+        self.heads = heads
+        self.scale = dim_head ** -0.5
+        self.to_q = nn.Linear(query_dim, inner_dim, bias=False)
+        self.to_k = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
+        self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
+        self.tag: Optional[str] = None
+        self.batch_sharing: Optional["SharedAttention"] = None
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        context = default(context, x)
+        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, heads*d), (B, M, heads*d)
+        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))  # (B, heads, N, d)
+        sharing = self.batch_sharing
+        if sharing is not None and sharing.applies_now():
+            # Batch-shared self-attention: the controller chooses which images' keys and values each
+            # image's queries see (see ldm/modules/shared_attention.py for the why and the how).
+            out = sharing.attend(q, k, v, scale=self.scale)
+        else:
+            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, d)
+        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, heads*d)
+        return self.to_out(out)
+
+
+class BasicTransformerBlock(nn.Module):
+    """Pre-norm block: self-attention (`attn1`), cross-attention to the text (`attn2`), GEGLU MLP."""
+
+    def __init__(self, dim: int, n_heads: int, d_head: int, dropout: float = 0.0,
+                 context_dim: Optional[int] = None, gated_ff: bool = True, checkpoint: bool = True):
+        super().__init__()
+        self.attn1 = CrossAttention(query_dim=dim, heads=n_heads, dim_head=d_head, dropout=dropout)
+        self.ff = FeedForward(dim, dropout=dropout, glu=gated_ff)
+        self.attn2 = CrossAttention(query_dim=dim, context_dim=context_dim, heads=n_heads,
+                                    dim_head=d_head, dropout=dropout)
+        self.norm1 = nn.LayerNorm(dim)
+        self.norm2 = nn.LayerNorm(dim)
+        self.norm3 = nn.LayerNorm(dim)
+        self.checkpoint = checkpoint
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        return checkpoint(self._forward, (x, context), self.checkpoint and self.training)
+
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x)) + x
+        x = self.attn2(self.norm2(x), context=context) + x
+        x = self.ff(self.norm3(x)) + x
+        return x
+
+
+class SpatialTransformer(nn.Module):
+    """Runs transformer blocks over the pixels of a feature map: (B, C, H, W) -> tokens -> (B, C, H, W).
+
+    The input projection is a 1x1 convolution (SD v1); `use_linear=True` gives the linear projection
+    of later Stable Diffusion versions.
+    """
+
+    def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
+                 context_dim: Optional[int] = None, use_checkpoint: bool = True, use_linear: bool = False):
+        super().__init__()
+        inner_dim = n_heads * d_head
+        self.norm = GroupNorm32(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.use_linear = use_linear
+        if use_linear:
+            self.proj_in = nn.Linear(in_channels, inner_dim)
+        else:
+            self.proj_in = nn.Conv2d(in_channels, inner_dim, kernel_size=1)
+        self.transformer_blocks = nn.ModuleList(
+            BasicTransformerBlock(inner_dim, n_heads, d_head, dropout=dropout, context_dim=context_dim,
+                                  checkpoint=use_checkpoint)
+            for _ in range(depth)
+        )
+        if use_linear:
+            self.proj_out = zero_module(nn.Linear(inner_dim, in_channels))
+        else:
+            self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
+
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        _, _, h, w = x.shape  # (B, C, H, W)
+        x_in = x
+        x = self.norm(x)
+        if not self.use_linear:
+            x = self.proj_in(x)  # (B, inner, H, W)
+        x = rearrange(x, "b c h w -> b (h w) c")  # (B, H*W, C or inner)
+        if self.use_linear:
+            x = self.proj_in(x)
+        for block in self.transformer_blocks:
+            x = block(x, context=context)
+        if self.use_linear:
+            x = self.proj_out(x)
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)  # (B, C or inner, H, W)
+        if not self.use_linear:
+            x = self.proj_out(x)
+        return x + x_in
+
+    def self_attention_layers(self) -> list[CrossAttention]:
+        """The `attn1` layers of this transformer, in order (the ones batch sharing may change)."""
+        return [block.attn1 for block in self.transformer_blocks]

@@ -1,0 +1,59 @@
+"""Shared fixtures: tiny randomly initialised models with SD v1's layout, built from configs/tiny/."""
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn as nn
+from omegaconf import OmegaConf
+
+from ldm.util import instantiate_from_config
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY_CONFIG = ROOT / "configs" / "tiny" / "tiny-inference.yaml"
+SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
+REFERENCE_KEYS = ROOT.parent / "shared" / "reference" / "sd-v1-checkpoint-keys.tsv"
+
+
+def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
+    """Give every parameter non-trivial random values. Fresh models zero their output projections, which
+    would make attention (and so batch sharing) invisible at the output; tests must not be fooled by that."""
+    generator = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in module.parameters():
+            if p.dim() > 1:
+                fan_in = math.prod(p.shape[1:])
+                p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
+            else:
+                p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def load_reference_keys() -> dict[str, tuple[str, str]]:
+    """key -> (shape, dtype) of the official SD v1 checkpoint, from ../shared/reference."""
+    if not REFERENCE_KEYS.exists():
+        pytest.skip(f"reference key list not found at {REFERENCE_KEYS}")
+    rows = {}
+    for line in REFERENCE_KEYS.read_text().splitlines():
+        if line.startswith("#") or not line.strip():
+            continue
+        key, shape, dtype = line.split("\t")
+        rows[key] = (shape, dtype)
+    return rows
+
+
+def shape_string(t: torch.Tensor) -> str:
+    return str(tuple(t.shape))
+
+
+@pytest.fixture(scope="session")
+def tiny_config():
+    return OmegaConf.load(TINY_CONFIG)
+
+
+@pytest.fixture
+def tiny_unet(tiny_config):
+    torch.manual_seed(0)
+    return randomize_(instantiate_from_config(tiny_config.model.params.unet_config)).eval()
