@@ -1,0 +1,318 @@
+"""Batch-shared self-attention: images generated in one batch depict one consistent subject.
+
+The whole mechanism lives in this file: why it works, which keys and values each image sees, which
+layers it applies to, and the controller that switches it on and off.
+
+Why it works
+------------
+In a UNet self-attention layer (`attn1`), every pixel token of an image asks "which other places of this
+image look like me?" (query . key) and copies their content (values). That is how the model keeps one
+object coherent across the picture: the texture of a chair's left leg is copied to the right leg, the
+colour of the seat to the back. Nothing ties two images of a batch together, so two samples of
+"a wooden chair" come out as two different chairs.
+
+Batch sharing lets each image's queries also see the keys and values of the other images in its batch.
+A token of image 1 that belongs to the chair finds matching chair tokens in images 2, 3, ... and copies
+appearance from them too, exactly the way it already copies within its own image. Repeated at every
+denoising step, the images settle on shared appearance (colour, material, pattern, identity) while
+each keeps its own queries, noise and therefore its own layout and pose. Cross-attention (`attn2`, the
+text) is never touched: the prompt still decides what is drawn; sharing only decides that it is drawn
+the same way in every image.
+
+What each query sees (B images in a sharing group, N tokens each, keys/values K_j, V_j of image j)
+- mode "all":    image i attends to [K_1 ... K_B] (its own tokens included); outputs stay per image.
+- mode "anchor": the first A images (the anchors) attend to [K_1 ... K_A] only, so they come out
+  exactly as if generated alone (as a batch of A with "all"); every other image i attends to
+  [K_i, K_1 ... K_A]. More images can then be made consistent with a fixed set.
+- strength s: an additive bias on the logits of the other images' keys (own keys get 0). s = 0 is
+  plain concatenation; s < 0 weakens the pull of the other images (-inf switches it off); s > 0
+  strengthens it.
+
+A sharing group never crosses the classifier-free-guidance halves: with guidance a batch is
+[unconditional images; conditional images] and each half is its own group, so the unconditional
+prediction of one image is never mixed with conditional content of another. The guidance helper
+(`ldm/models/diffusion/guidance.py`) states the number of halves with `batch_layout`; nothing here
+infers it from the batch size.
+
+Cost: in a shared layer with "all", each query attends to B*N keys instead of N, so attention FLOPs
+grow with the group size B (B times the plain layer, per image). Memory stays linear in B because the
+concatenation is done by regrouping tensors, never by building a (B*N) x (B*N) mask or logits tensor:
+`scaled_dot_product_attention` does the rest.
+
+Which layers
+------------
+`UNetModel` tags every `attn1` with its resolution group when it is built: `down.64`, `down.32`,
+`down.16`, `mid.8`, `up.16`, `up.32`, `up.64` (the level is the SD v1 latent side at 512 px). A
+selection is a comma-separated list of `all`, a path (`down`, `mid`, `up`), a path and level
+(`up.32`) or a bare level (`32` = every path at that level).
+
+Use
+---
+    with shared_attention(model, groups="up", mode="all", steps=(0.0, 0.6)):
+        samples, _ = sampler.sample(...)
+
+On exit every layer is restored. A step window needs the sampler to report the step, which our
+samplers do through the guidance helper; outside a sampler no step is known and the window is ignored.
+"""
+from __future__ import annotations
+
+import math
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
+from typing import Iterator, Optional, Sequence, Union
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from einops import rearrange
+
+from ldm.modules.attention import CrossAttention
+
+MODES = ("all", "anchor")
+PATHS = ("down", "mid", "up")
+# Strengths beyond this magnitude make no difference to a float32 softmax (e^-1000 == 0), and keeping
+# the bias finite keeps the key padding below representable in float16.
+MAX_ABS_STRENGTH = 1000.0
+
+
+# ---------------------------------------------------------------------------------------------------
+# Which keys and values each query sees
+# ---------------------------------------------------------------------------------------------------
+def attend_across_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float,
+                         strength: float = 0.0) -> torch.Tensor:
+    """Attention of several query images over the concatenated tokens of several key images.
+
+    q: (G, Iq, heads, N, d) queries of Iq images in each of G independent groups;
+    k, v: (G, Ik, heads, M, d) keys and values of Ik images. Query image t's own tokens are key image
+    t (t < Iq); the rest are "other" images and get `strength` added to their logits.
+    Returns (G, Iq, heads, N, d).
+
+    The concatenation is a regrouping: all Iq*N queries of a group attend to all Ik*M keys of the
+    group in one `scaled_dot_product_attention` call, which computes the same softmax each query
+    would get alone (a query's softmax only involves its own row). No mask is needed for s = 0.
+
+    For s != 0 the bias depends on which image a query and a key come from. Rather than a
+    (Iq*N) x (Ik*M) mask, the bias is written as a dot product of Ik extra channels appended to the
+    queries and keys: query image t carries the indicator "key image j is not me" (1 - [j == t]) and
+    key image j carries s / scale at channel j, so scale * (extra q . extra k) = s exactly for
+    other images and 0 for its own. The extra channels cost Ik values per token, linear memory.
+    """
+    G, Iq, heads, N, d = q.shape
+    Ik = k.shape[1]
+    q = rearrange(q, "g i h n d -> g h (i n) d")  # (G, heads, Iq*N, d)
+    k = rearrange(k, "g j h m d -> g h (j m) d")  # (G, heads, Ik*M, d)
+    v = rearrange(v, "g j h m d -> g h (j m) d")  # (G, heads, Ik*M, d)
+    M = k.shape[2] // Ik
+    if strength != 0.0:
+        own = torch.eye(Iq, Ik, dtype=q.dtype, device=q.device)  # (Iq, Ik): 1 where key image j is query image t
+        q_extra = (1.0 - own).repeat_interleave(N, dim=0)  # (Iq*N, Ik)
+        k_extra = (torch.eye(Ik, dtype=q.dtype, device=q.device) * (strength / scale)).repeat_interleave(M, dim=0)
+        # Pad every head dimension (values included) to one multiple of 8 so fused kernels still apply.
+        width = 8 * math.ceil((d + Ik) / 8)
+        q = torch.cat([q, q_extra.expand(G, heads, -1, -1)], dim=-1)  # (G, heads, Iq*N, d+Ik)
+        k = torch.cat([k, k_extra.expand(G, heads, -1, -1)], dim=-1)  # (G, heads, Ik*M, d+Ik)
+        q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))  # (..., width)
+    out = F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]  # (G, heads, Iq*N, d)
+    return rearrange(out, "g h (i n) d -> g i h n d", i=Iq)
+
+
+def shared_batch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, halves: int, mode: str,
+                           anchors: int, strength: float, scale: float) -> torch.Tensor:
+    """Self-attention with each image also seeing its group's images. q, k, v: (B, heads, N, d).
+
+    The batch is `halves` equal halves (2 with classifier-free guidance), each one sharing group.
+    """
+    B = q.shape[0]
+    if B % halves:
+        raise ValueError(f"a batch of {B} cannot be split into {halves} guidance halves")
+    group = B // halves
+    q, k, v = (rearrange(t, "(k b) h n d -> k b h n d", k=halves) for t in (q, k, v))  # (halves, group, heads, N, d)
+    if mode == "all" or anchors >= group:
+        out = attend_across_images(q, k, v, scale=scale, strength=strength)  # (halves, group, heads, N, d)
+        return rearrange(out, "k b h n d -> (k b) h n d")
+    # Anchor mode: the anchors share only among themselves, so their result does not depend on the
+    # other images at all; each other image sees its own tokens first, then the anchors'.
+    anchor_out = attend_across_images(q[:, :anchors], k[:, :anchors], v[:, :anchors], scale=scale,
+                                      strength=strength)  # (halves, A, heads, N, d)
+    rest = group - anchors
+
+    def own_then_anchors(t: torch.Tensor) -> torch.Tensor:
+        shared = t[:, None, :anchors].expand(-1, rest, -1, -1, -1, -1)  # (halves, R, A, heads, N, d)
+        own = t[:, anchors:, None]  # (halves, R, 1, heads, N, d)
+        return rearrange(torch.cat([own, shared], dim=2), "k r j h n d -> (k r) j h n d")  # (halves*R, 1+A, ...)
+
+    rest_out = attend_across_images(rearrange(q[:, anchors:], "k r h n d -> (k r) 1 h n d"),
+                                    own_then_anchors(k), own_then_anchors(v), scale=scale,
+                                    strength=strength)  # (halves*R, 1, heads, N, d)
+    rest_out = rearrange(rest_out, "(k r) 1 h n d -> k r h n d", k=halves)
+    return rearrange(torch.cat([anchor_out, rest_out], dim=1), "k b h n d -> (k b) h n d")
+
+
+# ---------------------------------------------------------------------------------------------------
+# Settings, layer selection and the controller
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class SharedAttentionSettings:
+    """What to share. `groups`: layer selection (see the module docstring); `mode`: "all" or "anchor";
+    `anchors`: how many leading images anchor the rest in "anchor" mode; `steps`: the (start, end)
+    fraction of the denoising steps during which sharing is on; `strength`: logit bias on other images."""
+
+    groups: tuple[str, ...] = ("all",)
+    mode: str = "all"
+    anchors: int = 1
+    steps: tuple[float, float] = (0.0, 1.0)
+    strength: float = 0.0
+
+    def __post_init__(self) -> None:
+        if not self.groups:
+            raise ValueError("no layer groups given; use e.g. 'all', 'up' or 'mid,up.32'")
+        if self.mode not in MODES:
+            raise ValueError(f"unknown shared-attention mode {self.mode!r}; choose one of {', '.join(MODES)}")
+        if self.anchors < 1:
+            raise ValueError(f"anchors must be at least 1, got {self.anchors}")
+        start, end = self.steps
+        if not 0.0 <= start < end <= 1.0:
+            raise ValueError(f"step window {start}:{end} must satisfy 0 <= start < end <= 1 (fractions of the steps)")
+        if math.isnan(self.strength) or self.strength == math.inf:
+            raise ValueError(f"strength must be a number or -inf (off), got {self.strength}")
+
+    def as_metadata(self) -> dict:
+        return {**asdict(self), "groups": ",".join(self.groups), "steps": f"{self.steps[0]}:{self.steps[1]}"}
+
+
+def parse_groups(spec: Union[str, Sequence[str]]) -> tuple[str, ...]:
+    """'mid, up.32' -> ('mid', 'up.32'). Names are checked against a model by `select_layers`."""
+    items = spec.split(",") if isinstance(spec, str) else list(spec)
+    return tuple(item.strip() for item in items if item.strip())
+
+
+def tagged_layers(model: nn.Module) -> list[tuple[str, CrossAttention]]:
+    """(module path, layer) of every tagged self-attention layer of `model`, in forward order."""
+    return [(name, m) for name, m in model.named_modules() if isinstance(m, CrossAttention) and m.tag is not None]
+
+
+def valid_group_names(model: nn.Module) -> list[str]:
+    tags = list(dict.fromkeys(m.tag for _, m in tagged_layers(model)))
+    paths = [p for p in PATHS if any(t.startswith(p + ".") for t in tags)]
+    levels = sorted({t.split(".")[1] for t in tags}, key=int, reverse=True)
+    return ["all", *paths, *tags, *levels]
+
+
+def select_layers(model: nn.Module, groups: Sequence[str]) -> list[tuple[str, CrossAttention]]:
+    """The tagged self-attention layers the group names select; an unknown name is an error."""
+    layers = tagged_layers(model)
+    if not layers:
+        raise ValueError("this model has no tagged self-attention layers; build it with UNetModel")
+    valid = valid_group_names(model)
+    unknown = [g for g in groups if g not in valid]
+    if unknown:
+        raise ValueError(f"unknown shared-attention group(s) {', '.join(map(repr, unknown))}; "
+                         f"valid names: {', '.join(valid)}")
+
+    def selected(tag: str) -> bool:
+        path, level = tag.split(".")
+        return any(g in ("all", path, tag, level) for g in groups)
+
+    return [(name, layer) for name, layer in layers if selected(layer.tag)]
+
+
+def describe_layers(model: nn.Module) -> str:
+    """A listing of the groups and layers, for `--shared-attn help`."""
+    lines = ["Self-attention layers by group (tag = path.level; level = SD v1 latent side at 512 px):"]
+    for name, layer in tagged_layers(model):
+        lines.append(f"  {layer.tag:<8} {name}")
+    lines.append("Group names: " + ", ".join(valid_group_names(model)))
+    lines.append("Combine with commas, e.g. 'mid,up' or 'up.32,up.16'; a bare level such as '32' means every path at it.")
+    return "\n".join(lines)
+
+
+@dataclass
+class BatchLayout:
+    """What the sampler tells the layers about the current batch: guidance halves and step progress
+    (index of the step / number of steps, 0 at the first, noisiest step; None outside a sampler)."""
+
+    halves: int = 1
+    progress: Optional[float] = None
+
+
+class SharedAttention:
+    """The controller: holds the settings, marks the selected layers while active, restores on exit."""
+
+    def __init__(self, model: nn.Module, settings: SharedAttentionSettings):
+        self.settings = settings
+        self.unet = find_unet(model)
+        self.layers = select_layers(self.unet, settings.groups)
+        self.layout = BatchLayout()
+        self._previous: list[tuple[CrossAttention, Optional[SharedAttention]]] = []
+
+    def __enter__(self) -> "SharedAttention":
+        if self.unet.shared_attention is not None:
+            raise RuntimeError("batch-shared attention is already active on this model; leave it before entering again")
+        self._previous = [(layer, layer.batch_sharing) for _, layer in self.layers]
+        for _, layer in self.layers:
+            layer.batch_sharing = self
+        self.unet.shared_attention = self
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for layer, previous in self._previous:
+            layer.batch_sharing = previous
+        self._previous = []
+        self.unet.shared_attention = None
+        self.layout = BatchLayout()
+
+    def applies_now(self) -> bool:
+        """Inside the step window (always, when no step is known) and not switched off by strength."""
+        if self.settings.strength == -math.inf:
+            return False
+        progress = self.layout.progress
+        if progress is None:
+            return True
+        start, end = self.settings.steps
+        return start <= progress < end
+
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
+        s = self.settings
+        strength = max(-MAX_ABS_STRENGTH, min(MAX_ABS_STRENGTH, s.strength))
+        return shared_batch_attention(q, k, v, halves=self.layout.halves, mode=s.mode, anchors=s.anchors,
+                                      strength=strength, scale=scale)
+
+
+def find_unet(model: nn.Module) -> nn.Module:
+    """The UNet inside a LatentDiffusion model (`model.model.diffusion_model`), or the UNet itself."""
+    if hasattr(model, "shared_attention") and hasattr(model, "self_attention_layers"):
+        return model
+    unet = getattr(getattr(model, "model", None), "diffusion_model", None)
+    if unet is None or not hasattr(unet, "self_attention_layers"):
+        raise TypeError(f"expected a LatentDiffusion model or a UNetModel, got {type(model).__name__}")
+    return unet
+
+
+def shared_attention(model: nn.Module, groups: Union[str, Sequence[str]] = "all", mode: str = "all",
+                     anchors: int = 1, steps: tuple[float, float] = (0.0, 1.0),
+                     strength: float = 0.0) -> SharedAttention:
+    """`with shared_attention(model, groups="up"): ...` turns batch sharing on for the selected layers."""
+    settings = SharedAttentionSettings(groups=parse_groups(groups), mode=mode, anchors=anchors,
+                                       steps=(float(steps[0]), float(steps[1])), strength=float(strength))
+    return SharedAttention(model, settings)
+
+
+@contextmanager
+def batch_layout(model: nn.Module, halves: int, progress: Optional[float] = None) -> Iterator[None]:
+    """Called by the guidance helper around each model call: how many guidance halves the batch holds
+    and how far sampling has come. Does nothing when no sharing is active on `model`."""
+    try:
+        unet = find_unet(model)
+    except TypeError:  # a model without our UNet (e.g. a test double) cannot share attention
+        yield
+        return
+    controller: Optional[SharedAttention] = unet.shared_attention
+    if controller is None:
+        yield
+        return
+    previous = controller.layout
+    controller.layout = BatchLayout(halves=halves, progress=progress)
+    try:
+        yield
+    finally:
+        controller.layout = previous

@@ -1,0 +1,253 @@
+"""Batch-shared self-attention, as specified in ldm/modules/shared_attention.py.
+
+Two kinds of checks: the attention maths against a naive reference that builds the full logits
+matrix with an explicit bias (independent of the regrouping and extra-channel tricks), and invariants
+of the whole tiny UNet (identical images, batch of one, guidance halves, anchors, layer selection).
+"""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ldm.modules.shared_attention import (attend_across_images, batch_layout, describe_layers,
+                                          shared_attention, shared_batch_attention)
+
+SCALE = 8 ** -0.5
+
+
+def naive_shared_attention(q, k, v, *, halves, mode, anchors, strength):
+    """Reference: for each query image, the list of visible images, full logits, explicit bias."""
+    B, heads, N, d = q.shape
+    group = B // halves
+    out = torch.empty_like(q)
+    for i in range(B):
+        start = (i // group) * group
+        members = list(range(start, start + group))
+        if mode == "anchor" and anchors < group:
+            anchor_ids = members[:anchors]
+            visible = anchor_ids if i in anchor_ids else [i] + anchor_ids
+        else:
+            visible = members
+        keys = torch.cat([k[j] for j in visible], dim=1)  # (heads, |visible|*N, d)
+        values = torch.cat([v[j] for j in visible], dim=1)
+        bias = torch.cat([torch.full((N,), 0.0 if j == i else strength) for j in visible])
+        logits = q[i] @ keys.transpose(-1, -2) * SCALE + bias  # (heads, N, |visible|*N)
+        out[i] = logits.softmax(-1) @ values
+    return out
+
+
+def random_qkv(B, heads=2, N=6, d=8, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return [torch.randn(B, heads, N, d, generator=g, dtype=torch.float64) for _ in range(3)]
+
+
+@pytest.mark.parametrize("mode,anchors", [("all", 1), ("anchor", 1), ("anchor", 2)])
+@pytest.mark.parametrize("halves", [1, 2])
+@pytest.mark.parametrize("strength", [0.0, -2.5, 3.0])
+def test_shared_attention_maths_matches_a_naive_reference(mode, anchors, halves, strength):
+    q, k, v = random_qkv(4 * halves)
+    ours = shared_batch_attention(q, k, v, halves=halves, mode=mode, anchors=anchors, strength=strength, scale=SCALE)
+    reference = naive_shared_attention(q, k, v, halves=halves, mode=mode, anchors=anchors, strength=strength)
+    torch.testing.assert_close(ours, reference, rtol=1e-10, atol=1e-10)
+
+
+def test_large_positive_strength_attends_only_to_the_other_images():
+    q, k, v = random_qkv(3)
+    ours = attend_across_images(q[None], k[None], v[None], scale=SCALE, strength=1000.0)[0]
+    others_of_0 = torch.cat([k[1], k[2]], dim=1), torch.cat([v[1], v[2]], dim=1)
+    expected = torch.softmax(q[0] @ others_of_0[0].transpose(-1, -2) * SCALE, -1) @ others_of_0[1]
+    torch.testing.assert_close(ours[0], expected)
+
+
+def test_batch_sizes_that_do_not_split_into_halves_are_an_error():
+    q, k, v = random_qkv(3)
+    with pytest.raises(ValueError, match="cannot be split into 2 guidance halves"):
+        shared_batch_attention(q, k, v, halves=2, mode="all", anchors=1, strength=0.0, scale=SCALE)
+
+
+# ---- the whole tiny UNet ---------------------------------------------------------------------------
+def unet_inputs(batch, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, 16, 16, generator=g)  # (B, C, H, W)
+    t = torch.full((batch,), 500)
+    context = torch.randn(batch, 77, 32, generator=g)
+    return x, t, context
+
+
+@torch.no_grad()
+def run(unet, x, t, context, halves=1, progress=None):
+    with batch_layout(unet, halves=halves, progress=progress):
+        return unet(x, t, context=context)
+
+
+def test_leaving_the_controller_restores_a_bit_identical_model(tiny_unet):
+    x, t, c = unet_inputs(3)
+    before = run(tiny_unet, x, t, c)
+    with shared_attention(tiny_unet, groups="all"):
+        shared = run(tiny_unet, x, t, c)
+    after = run(tiny_unet, x, t, c)
+    assert torch.equal(before, after)
+    assert not torch.allclose(before, shared)  # the mode did something while it was on
+    assert all(layer.batch_sharing is None for layer in tiny_unet.self_attention_layers())
+    assert tiny_unet.shared_attention is None
+
+
+def test_controller_restores_the_model_after_an_exception(tiny_unet):
+    with pytest.raises(RuntimeError, match="boom"):
+        with shared_attention(tiny_unet, groups="up"):
+            raise RuntimeError("boom")
+    assert all(layer.batch_sharing is None for layer in tiny_unet.self_attention_layers())
+
+
+def test_identical_images_with_sharing_equal_the_plain_model(tiny_unet):
+    x, t, c = unet_inputs(1)
+    x, t, c = x.repeat(4, 1, 1, 1), t.repeat(4), c.repeat(4, 1, 1)
+    plain = run(tiny_unet, x, t, c)
+    with shared_attention(tiny_unet, groups="all"):
+        shared = run(tiny_unet, x, t, c)
+    torch.testing.assert_close(shared, plain, rtol=1e-5, atol=1e-5)
+
+
+def test_a_batch_of_one_with_sharing_equals_the_plain_model(tiny_unet):
+    x, t, c = unet_inputs(1)
+    plain = run(tiny_unet, x, t, c)
+    with shared_attention(tiny_unet, groups="all", strength=2.0):
+        shared = run(tiny_unet, x, t, c)
+    torch.testing.assert_close(shared, plain, rtol=1e-6, atol=1e-6)
+
+
+@pytest.mark.parametrize("groups", ["all", "mid", "up.64", "down.16"])
+def test_changing_one_image_changes_another_only_when_sharing(tiny_unet, groups):
+    x, t, c = unet_inputs(2)
+    x_changed = x.clone()
+    x_changed[1] += 1.0
+    plain, plain_changed = run(tiny_unet, x, t, c), run(tiny_unet, x_changed, t, c)
+    assert torch.equal(plain[0], plain_changed[0])  # without sharing, images are independent
+    with shared_attention(tiny_unet, groups=groups):
+        shared, shared_changed = run(tiny_unet, x, t, c), run(tiny_unet, x_changed, t, c)
+    assert not torch.allclose(shared[0], shared_changed[0], rtol=1e-4, atol=1e-5)
+
+
+@pytest.mark.parametrize("groups,expected", [
+    ("all", 16), ("down", 6), ("mid", 1), ("up", 9), ("down.64", 2), ("up.32", 3), ("32", 5),
+    ("mid,up", 10), ("up.32,up.16", 6),
+])
+def test_exactly_the_selected_layers_are_shared(tiny_unet, groups, expected):
+    shared_calls = []
+
+    def count(module, args, output):
+        if module.batch_sharing is not None and module.batch_sharing.applies_now():
+            shared_calls.append(module.tag)
+
+    handles = [layer.register_forward_hook(count) for layer in tiny_unet.self_attention_layers()]
+    x, t, c = unet_inputs(2)
+    with shared_attention(tiny_unet, groups=groups) as controller:
+        run(tiny_unet, x, t, c)
+    for h in handles:
+        h.remove()
+    assert len(shared_calls) == expected == len(controller.layers)
+    names = {g.strip() for g in groups.split(",")}
+    assert all(names & {"all", tag, tag.split(".")[0], tag.split(".")[1]} for tag in shared_calls)
+
+
+def test_guidance_halves_never_share_with_each_other(tiny_unet):
+    x, t, c = unet_inputs(4)  # [uncond 0, uncond 1, cond 0, cond 1]
+    x_uncond_changed, c_uncond_changed = x.clone(), c.clone()
+    x_uncond_changed[:2] += 1.0
+    c_uncond_changed[:2] = torch.randn_like(c[:2])
+    with shared_attention(tiny_unet, groups="all"):
+        eps = run(tiny_unet, x, t, c, halves=2)
+        eps_changed = run(tiny_unet, x_uncond_changed, t, c_uncond_changed, halves=2)
+        x_cond_changed = x.clone()
+        x_cond_changed[2:] -= 1.0
+        eps_cond_changed = run(tiny_unet, x_cond_changed, t, c, halves=2)
+    torch.testing.assert_close(eps_changed[2:], eps[2:], rtol=0, atol=1e-6)  # conditional half unchanged
+    torch.testing.assert_close(eps_cond_changed[:2], eps[:2], rtol=0, atol=1e-6)  # and vice versa
+    assert not torch.allclose(eps_changed[:2], eps[:2])
+
+
+def test_cross_attention_computation_is_untouched(tiny_unet):
+    records = []
+
+    def record(module, args, kwargs, output):
+        records.append((module, args[0].clone(), kwargs.get("context"), output.clone()))
+
+    cross = [m.attn2 for m in tiny_unet.modules() if hasattr(m, "attn2")]
+    handles = [m.register_forward_hook(record, with_kwargs=True) for m in cross]
+    x, t, c = unet_inputs(3)
+    with shared_attention(tiny_unet, groups="all"):
+        run(tiny_unet, x, t, c)
+        assert all(m.batch_sharing is None for m in cross)
+    for h in handles:
+        h.remove()
+    assert len(records) == 16
+    with torch.no_grad():
+        for module, inputs, context, output in records:
+            assert torch.equal(module(inputs, context=context), output)
+
+
+def test_anchor_images_come_out_as_if_generated_alone(tiny_unet):
+    x, t, c = unet_inputs(5)
+    with shared_attention(tiny_unet, groups="all", mode="all"):
+        anchors_alone = run(tiny_unet, x[:2], t[:2], c[:2])
+    with shared_attention(tiny_unet, groups="all", mode="anchor", anchors=2):
+        with_followers = run(tiny_unet, x, t, c)
+    # batch 5 vs batch 2 runs different GEMM tilings: equal up to float32 rounding
+    torch.testing.assert_close(with_followers[:2], anchors_alone, rtol=1e-4, atol=1e-5)
+
+
+def test_anchor_mode_respects_guidance_halves(tiny_unet):
+    x, t, c = unet_inputs(6)  # two halves of 3: anchor + 2 followers each
+    with shared_attention(tiny_unet, groups="all", mode="anchor", anchors=1):
+        both = run(tiny_unet, x, t, c, halves=2)
+    with shared_attention(tiny_unet, groups="all", mode="anchor", anchors=1):
+        cond_alone = run(tiny_unet, x[3:], t[3:], c[3:])
+    torch.testing.assert_close(both[3:], cond_alone, rtol=1e-4, atol=1e-5)
+
+
+def test_step_window_switches_sharing_by_sampler_progress(tiny_unet):
+    x, t, c = unet_inputs(2)
+    plain = run(tiny_unet, x, t, c)
+    with shared_attention(tiny_unet, groups="all", steps=(0.0, 0.4)):
+        inside = run(tiny_unet, x, t, c, progress=0.2)
+        outside = run(tiny_unet, x, t, c, progress=0.4)
+    assert torch.equal(outside, plain)
+    assert not torch.allclose(inside, plain)
+
+
+def test_very_negative_strength_equals_off(tiny_unet):
+    x, t, c = unet_inputs(3)
+    plain = run(tiny_unet, x, t, c)
+    with shared_attention(tiny_unet, groups="all", strength=-1000.0):
+        nearly_off = run(tiny_unet, x, t, c)
+    with shared_attention(tiny_unet, groups="all", strength=-math.inf):
+        off = run(tiny_unet, x, t, c)
+    torch.testing.assert_close(nearly_off, plain, rtol=1e-5, atol=1e-6)
+    assert torch.equal(off, plain)
+
+
+def test_unknown_group_names_are_an_error_listing_the_valid_ones(tiny_unet):
+    with pytest.raises(ValueError, match=r"unknown shared-attention group\(s\) 'up.128'.*valid names: all, down, mid, up"):
+        shared_attention(tiny_unet, groups="up,up.128")
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    ({"mode": "some"}, "unknown shared-attention mode"),
+    ({"anchors": 0}, "anchors must be at least 1"),
+    ({"steps": (0.5, 0.5)}, "step window"),
+    ({"steps": (0.0, 1.5)}, "step window"),
+    ({"groups": ""}, "no layer groups"),
+    ({"strength": math.nan}, "strength"),
+])
+def test_bad_settings_are_clear_errors(tiny_unet, kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        shared_attention(tiny_unet, **kwargs)
+
+
+def test_help_lists_every_group_and_layer(tiny_unet):
+    text = describe_layers(tiny_unet)
+    for tag in ("down.64", "down.32", "down.16", "mid.8", "up.16", "up.32", "up.64"):
+        assert tag in text
+    assert "middle_block.1.transformer_blocks.0.attn1" in text
