@@ -1,0 +1,1 @@
+"""Evaluation instruments for the consistency demo (attribute classifier for synthetic objects)."""
