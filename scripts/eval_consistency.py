@@ -1,0 +1,135 @@
+"""Measure what batch-shared attention does: subject consistency, prompt alignment, layout diversity, cost.
+
+    python scripts/eval_consistency.py --demo                       # the shipped demo model, CPU
+    python scripts/eval_consistency.py --configs default,up@0:0.3,all@s=-1
+    python scripts/eval_consistency.py --config configs/stable-diffusion/v1-inference.yaml \\
+        --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts prompts.txt \\
+        --features clip --feature-model openai/clip-vit-large-patch14
+    torchrun --nproc_per_node 2 scripts/eval_consistency.py --demo  # jobs sharded over 2 processes
+
+Every configuration generates the same prompt sets from the same seeds (image i of the set with seed
+s starts from seed 1000*s + i), so differences come from sharing only. Metrics, configurations and the
+report are in `ldm/eval/consistency.py`; sharding over processes in `ldm/eval/distributed.py`.
+Outputs (results.md, results.csv, sets.csv, timing.csv, summary.json, one grid per configuration) go
+to --outdir, which must be new or empty; by default a new outputs/consistency/run-NNNN.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+
+from omegaconf import OmegaConf  # noqa: E402
+
+from ldm.cli import (DEMO_DEFAULTS, SD_DEFAULTS, UsageError, check_checkpoint, resolve_path, run_cli,  # noqa: E402
+                     unet_without_weights)
+from ldm.eval.consistency import (CONFIGURATION_SYNTAX, DEFAULT_PROMPTS, SEED_STRIDE, EvalRequest,  # noqa: E402
+                                  Sampling, check_output_folder, evaluate, named_attributes,
+                                  resolve_configurations)
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    model = parser.add_argument_group("model (default: the demo model)")
+    model.add_argument("--demo", action="store_true", help="the shipped demo model (the default without --config)")
+    model.add_argument("--config", type=str, default=None, help="model config of another model")
+    model.add_argument("--ckpt", type=str, default=None, help="its checkpoint (.ckpt or .safetensors)")
+    model.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
+    model.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps (torchrun: cuda:LOCAL_RANK)")
+    model.add_argument("--precision", choices=["full", "autocast"], default="autocast",
+                       help="autocast = float16 on CUDA; float32 elsewhere")
+    model.add_argument("--threads", type=int, default=1,
+                       help="CPU threads; CPU results are reproducible for the same value (default 1)")
+    run = parser.add_argument_group("what to generate")
+    run.add_argument("--prompts", type=str, default=None,
+                     help=f"text file, one prompt per line (default: {', '.join(DEFAULT_PROMPTS)})")
+    run.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated set seeds (default 0,1,2)")
+    run.add_argument("--set-size", type=int, default=4, help="images per prompt set, generated as one batch")
+    run.add_argument("--steps", type=int, default=None, help="DDIM steps (demo 25, SD v1 50)")
+    run.add_argument("--scale", type=float, default=None, help="guidance scale (demo 3.0, SD v1 7.5)")
+    run.add_argument("--configs", type=str, default="default",
+                     help=f"comma-separated configurations. {CONFIGURATION_SYNTAX}")
+    measure = parser.add_argument_group("measuring")
+    measure.add_argument("--features", choices=["dino", "clip"], default=None,
+                         help="measure with a transformers image model instead of the attribute classifier")
+    measure.add_argument("--feature-model", type=str, default=None,
+                         help="local folder or cached hub id of that model (never downloaded)")
+    measure.add_argument("--classifier", type=str, default=None, help="attribute classifier (default: the shipped one)")
+    parser.add_argument("--outdir", type=str, default=None, help="new or empty folder for the results")
+    opt = parser.parse_args(argv)
+    if opt.demo and (opt.config or opt.ckpt):
+        raise UsageError("--demo uses the shipped demo model; drop --demo to give --config and --ckpt")
+    opt.demo = opt.demo or not (opt.config or opt.ckpt)
+    defaults = DEMO_DEFAULTS if opt.demo else SD_DEFAULTS
+    opt.config, opt.ckpt = opt.config or defaults["config"], opt.ckpt or defaults["ckpt"]
+    opt.steps = opt.steps if opt.steps is not None else defaults["ddim_steps"]
+    opt.scale = opt.scale if opt.scale is not None else defaults["scale"]
+    return opt
+
+
+def parse_seeds(text: str) -> tuple[int, ...]:
+    try:
+        seeds = tuple(int(part) for part in text.split(",") if part.strip())
+    except ValueError:
+        raise UsageError(f"--seeds {text!r} must be comma-separated whole numbers, e.g. 0,1,2") from None
+    if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= 2 ** 63 // SEED_STRIDE:
+        raise UsageError(f"--seeds {text!r}: give distinct seeds between 0 and {2 ** 63 // SEED_STRIDE - 1}")
+    return seeds
+
+
+def read_prompts(path: Optional[str]) -> tuple[str, ...]:
+    if path is None:
+        return DEFAULT_PROMPTS
+    try:
+        prompts = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
+    except (OSError, UnicodeDecodeError) as error:
+        raise UsageError(f"--prompts {path}: cannot read it ({error}); give a UTF-8 text file, "
+                         "one prompt per line") from None
+    if not prompts:
+        raise UsageError(f"--prompts {path} holds no prompts; write one prompt per line")
+    return prompts
+
+
+def build_request(opt: argparse.Namespace) -> EvalRequest:
+    """Check every flag and file that can be checked before the model is loaded."""
+    if not 1 <= opt.set_size <= SEED_STRIDE:
+        raise UsageError(f"--set-size must be between 1 and {SEED_STRIDE}, got {opt.set_size}")
+    if not 1 <= opt.steps <= 1000:
+        raise UsageError(f"--steps must be between 1 and 1000, got {opt.steps}")
+    if opt.threads < 1:
+        raise UsageError(f"--threads must be at least 1, got {opt.threads}")
+    if (opt.features is None) != (opt.feature_model is None):
+        raise UsageError("--features and --feature-model go together, e.g. --features clip --feature-model PATH")
+    outdir = Path(opt.outdir) if opt.outdir else None
+    check_output_folder(outdir)
+    prompts = read_prompts(opt.prompts)
+    if opt.features is None:
+        for prompt in prompts:
+            named_attributes(prompt)  # an ambiguous prompt is an error before anything runs
+    config_path, ckpt_path = check_checkpoint(opt)
+    config = OmegaConf.load(config_path)
+    configurations = resolve_configurations(opt.configs.split(","), unet_without_weights(config_path))
+    latent = config.model.params
+    shape = (int(latent.channels), int(latent.image_size), int(latent.image_size))  # (C, h, w) of the UNet
+    return EvalRequest(
+        config_path=config_path, ckpt_path=ckpt_path, configurations=tuple(configurations), prompts=prompts,
+        seeds=parse_seeds(opt.seeds), sampling=Sampling(shape, opt.steps, opt.scale, opt.set_size, opt.precision),
+        outdir=outdir, device=opt.device, use_ema=opt.use_ema,
+        features=opt.features, feature_model=opt.feature_model,
+        classifier_path=resolve_path(opt.classifier) if opt.classifier else None, threads=opt.threads,
+        synthetic_model=opt.demo)
+
+
+def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
+    """Run the evaluation; returns the output folder (None on torchrun ranks other than 0)."""
+    outdir = evaluate(build_request(parse_args(argv)))
+    if outdir is not None:
+        print(f"Results: {outdir.resolve() / 'results.md'}")
+    return outdir
+
+
+if __name__ == "__main__":
+    run_cli(main)
