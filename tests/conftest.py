@@ -48,6 +48,16 @@ def shape_string(t: torch.Tensor) -> str:
     return str(tuple(t.shape))
 
 
+@pytest.fixture(scope="session", autouse=True)
+def one_intra_op_thread():
+    """The test models are tiny: a second intra-op thread mostly waits, and on a shared 2-core machine it
+    makes small ops several times slower. Results do not depend on it (the parity tolerances hold)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
 @pytest.fixture(scope="session")
 def tiny_config():
     return OmegaConf.load(TINY_CONFIG)

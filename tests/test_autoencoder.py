@@ -24,15 +24,6 @@ IDENTITY_LOSS = {"target": "torch.nn.Identity"}
 TRAINING_LOSS = {"target": "ldm.modules.losses.vae.ReconstructionKLLoss", "params": {"kl_weight": 1e-6}}
 
 
-@pytest.fixture(autouse=True, scope="module")
-def _single_intra_op_thread():
-    """These tensors are tiny: on a busy shared machine a second intra-op thread mostly waits (10x slower)."""
-    previous = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(previous)
-
-
 def _tiny_autoencoder(lossconfig=IDENTITY_LOSS, **overrides) -> AutoencoderKL:
     """A tiny autoencoder whose every parameter (including GroupNorm's ones and zeros) is perturbed."""
     torch.manual_seed(0)

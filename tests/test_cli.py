@@ -71,14 +71,6 @@ def pixels(path: Path) -> np.ndarray:
 # ----------------------------------------------------------------------------- fixtures
 
 
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
 @pytest.fixture(scope="module")
 def tiny_ckpt(tmp_path_factory, tiny_config) -> Path:
     torch.manual_seed(0)
