@@ -280,8 +280,11 @@ class LatentDiffusion(DDPM):
         return x.permute(0, 3, 1, 2).to(memory_format=torch.contiguous_format).float()
 
     def shared_step(self, batch: Mapping[str, Any]) -> torch.Tensor:
-        x = self.get_input(batch, self.first_stage_key).to(self.device)
-        z = self.get_first_stage_encoding(self.encode_first_stage(x)).detach()  # (B, 4, h, w)
+        if "posterior" in batch:  # first-stage moments computed once (ldm/data/latents.py)
+            posterior = DiagonalGaussianDistribution(batch["posterior"].to(self.device))
+        else:
+            posterior = self.encode_first_stage(self.get_input(batch, self.first_stage_key).to(self.device))
+        z = self.get_first_stage_encoding(posterior).detach()  # (B, 4, h, w)
         captions = list(batch[self.cond_stage_key])
         if self.cond_dropout > 0:
             captions = ["" if random.random() < self.cond_dropout else text for text in captions]
