@@ -66,6 +66,9 @@ def save_atomically(state: dict[str, torch.Tensor], out: Path, metadata: dict[st
     os.close(handle)
     try:
         save_file(state, temporary, metadata=metadata)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(temporary, 0o666 & ~umask)  # mkstemp makes the file private; give it normal permissions
         os.replace(temporary, out)
     finally:
         if os.path.exists(temporary):

@@ -126,10 +126,11 @@ class SpatialTransformer(nn.Module):
     """
 
     def __init__(self, in_channels: int, n_heads: int, d_head: int, depth: int = 1, dropout: float = 0.0,
-                 context_dim: Optional[int] = None, use_checkpoint: bool = True, use_linear: bool = False):
+                 context_dim: Optional[int] = None, use_checkpoint: bool = True, use_linear: bool = False,
+                 norm_num_groups: int = 32):
         super().__init__()
         inner_dim = n_heads * d_head
-        self.norm = GroupNorm32(num_groups=32, num_channels=in_channels, eps=1e-6, affine=True)
+        self.norm = GroupNorm32(num_groups=norm_num_groups, num_channels=in_channels, eps=1e-6, affine=True)
         self.use_linear = use_linear
         if use_linear:
             self.proj_in = nn.Linear(in_channels, inner_dim)

@@ -74,16 +74,16 @@ class ResnetBlock(nn.Module):
     when the channel count changes."""
 
     def __init__(self, *, in_channels: int, out_channels: int | None = None, conv_shortcut: bool = False,
-                 dropout: float = 0.0) -> None:
+                 dropout: float = 0.0, norm_num_groups: int = 32) -> None:
         super().__init__()
         out_channels = in_channels if out_channels is None else out_channels
         self.in_channels = in_channels
         self.out_channels = out_channels
         self.use_conv_shortcut = conv_shortcut
 
-        self.norm1 = Normalize(in_channels)
+        self.norm1 = Normalize(in_channels, norm_num_groups)
         self.conv1 = nn.Conv2d(in_channels, out_channels, kernel_size=3, stride=1, padding=1)
-        self.norm2 = Normalize(out_channels)
+        self.norm2 = Normalize(out_channels, norm_num_groups)
         self.dropout = nn.Dropout(dropout)
         self.conv2 = nn.Conv2d(out_channels, out_channels, kernel_size=3, stride=1, padding=1)
         if in_channels != out_channels:
@@ -108,10 +108,10 @@ class AttnBlock(nn.Module):
     is materialised by this code; at 512x512 the decoder's mid block has 4096 positions.
     """
 
-    def __init__(self, in_channels: int) -> None:
+    def __init__(self, in_channels: int, norm_num_groups: int = 32) -> None:
         super().__init__()
         self.in_channels = in_channels
-        self.norm = Normalize(in_channels)
+        self.norm = Normalize(in_channels, norm_num_groups)
         self.q = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.k = nn.Conv2d(in_channels, in_channels, kernel_size=1)
         self.v = nn.Conv2d(in_channels, in_channels, kernel_size=1)
@@ -126,12 +126,14 @@ class AttnBlock(nn.Module):
         return x + self.proj_out(h)
 
 
-def _make_mid(channels: int, dropout: float) -> nn.Module:
+def _make_mid(channels: int, dropout: float, norm_num_groups: int = 32) -> nn.Module:
     """The bottleneck shared by encoder and decoder: resnet, attention, resnet."""
     mid = nn.Module()
-    mid.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
-    mid.attn_1 = AttnBlock(channels)
-    mid.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout)
+    mid.block_1 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout,
+                              norm_num_groups=norm_num_groups)
+    mid.attn_1 = AttnBlock(channels, norm_num_groups)
+    mid.block_2 = ResnetBlock(in_channels=channels, out_channels=channels, dropout=dropout,
+                              norm_num_groups=norm_num_groups)
     return mid
 
 
@@ -155,7 +157,7 @@ class Encoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, double_z: bool = True,
-                 **decoder_options) -> None:
+                 norm_num_groups: int = 32, **decoder_options) -> None:
         super().__init__()
         _reject_unknown_options(decoder_options, _DECODER_ONLY_OPTIONS, "Encoder")
         self.ch = ch
@@ -174,10 +176,11 @@ class Encoder(nn.Module):
             block_out = ch * ch_mult[i_level]
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             for _ in range(num_res_blocks):
-                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout,
+                                          norm_num_groups=norm_num_groups))
                 block_in = block_out
                 if current_resolution in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             level = nn.Module()
             level.block = blocks
             level.attn = attns
@@ -186,8 +189,8 @@ class Encoder(nn.Module):
                 current_resolution //= 2
             self.down.append(level)
 
-        self.mid = _make_mid(block_in, dropout)
-        self.norm_out = Normalize(block_in)
+        self.mid = _make_mid(block_in, dropout, norm_num_groups)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, 2 * z_channels if double_z else z_channels,
                                   kernel_size=3, stride=1, padding=1)
 
@@ -211,7 +214,7 @@ class Decoder(nn.Module):
     def __init__(self, *, ch: int, out_ch: int, ch_mult: Sequence[int] = (1, 2, 4, 8), num_res_blocks: int,
                  attn_resolutions: Sequence[int], dropout: float = 0.0, resamp_with_conv: bool = True,
                  in_channels: int, resolution: int, z_channels: int, give_pre_end: bool = False,
-                 tanh_out: bool = False, **encoder_options) -> None:
+                 tanh_out: bool = False, norm_num_groups: int = 32, **encoder_options) -> None:
         super().__init__()
         _reject_unknown_options(encoder_options, _ENCODER_ONLY_OPTIONS, "Decoder")
         self.ch = ch
@@ -227,7 +230,7 @@ class Decoder(nn.Module):
         self.z_shape = (1, z_channels, current_resolution, current_resolution)
 
         self.conv_in = nn.Conv2d(z_channels, block_in, kernel_size=3, stride=1, padding=1)
-        self.mid = _make_mid(block_in, dropout)
+        self.mid = _make_mid(block_in, dropout, norm_num_groups)
 
         # Built from the coarsest level up, but stored so that up[0] is the full-resolution level.
         levels: list[nn.Module] = []
@@ -236,10 +239,11 @@ class Decoder(nn.Module):
             blocks, attns = nn.ModuleList(), nn.ModuleList()
             # One block more than the encoder per level.
             for _ in range(num_res_blocks + 1):
-                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout))
+                blocks.append(ResnetBlock(in_channels=block_in, out_channels=block_out, dropout=dropout,
+                                          norm_num_groups=norm_num_groups))
                 block_in = block_out
                 if current_resolution in attn_resolutions:
-                    attns.append(AttnBlock(block_in))
+                    attns.append(AttnBlock(block_in, norm_num_groups))
             level = nn.Module()
             level.block = blocks
             level.attn = attns
@@ -249,7 +253,7 @@ class Decoder(nn.Module):
             levels.insert(0, level)
         self.up = nn.ModuleList(levels)
 
-        self.norm_out = Normalize(block_in)
+        self.norm_out = Normalize(block_in, norm_num_groups)
         self.conv_out = nn.Conv2d(block_in, out_ch, kernel_size=3, stride=1, padding=1)
 
     def forward(self, z: torch.Tensor) -> torch.Tensor:

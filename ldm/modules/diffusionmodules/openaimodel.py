@@ -88,7 +88,7 @@ class ResBlock(nn.Module):
 
     def __init__(self, channels: int, emb_channels: int, dropout: float, out_channels: Optional[int] = None,
                  use_conv: bool = False, use_scale_shift_norm: bool = False, dims: int = 2,
-                 use_checkpoint: bool = False, up: bool = False, down: bool = False):
+                 use_checkpoint: bool = False, up: bool = False, down: bool = False, norm_num_groups: int = 32):
         super().__init__()
         if up or down:
             raise NotImplementedError("resblock_updown is not used by Stable Diffusion and is not implemented")
@@ -96,11 +96,11 @@ class ResBlock(nn.Module):
         self.use_checkpoint = use_checkpoint
         self.use_scale_shift_norm = use_scale_shift_norm
         self.in_layers = nn.Sequential(
-            normalization(channels), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1))
+            normalization(channels, norm_num_groups), nn.SiLU(), conv_nd(dims, channels, self.out_channels, 3, padding=1))
         self.emb_layers = nn.Sequential(
             nn.SiLU(), nn.Linear(emb_channels, 2 * self.out_channels if use_scale_shift_norm else self.out_channels))
         self.out_layers = nn.Sequential(
-            normalization(self.out_channels), nn.SiLU(), nn.Dropout(p=dropout),
+            normalization(self.out_channels, norm_num_groups), nn.SiLU(), nn.Dropout(p=dropout),
             zero_module(conv_nd(dims, self.out_channels, self.out_channels, 3, padding=1)))
         if self.out_channels == channels:
             self.skip_connection = nn.Identity()
@@ -129,7 +129,8 @@ class UNetModel(nn.Module):
     """The SD v1 UNet with spatial transformers, built from the CompVis constructor parameters.
 
     Only the options Stable Diffusion uses are implemented (`use_spatial_transformer=True`); the
-    others raise a clear error instead of building something different.
+    others raise a clear error instead of building something different. `norm_num_groups` (not a
+    CompVis option; SD v1 uses 32) lets narrow models keep several channels per normalisation group.
     """
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, out_channels: int,
@@ -140,7 +141,7 @@ class UNetModel(nn.Module):
                  use_scale_shift_norm: bool = False, resblock_updown: bool = False,
                  use_new_attention_order: bool = False, use_spatial_transformer: bool = False,
                  transformer_depth: int = 1, context_dim: Optional[int] = None, n_embed: Optional[int] = None,
-                 legacy: bool = True, use_linear_in_transformer: bool = False):
+                 legacy: bool = True, use_linear_in_transformer: bool = False, norm_num_groups: int = 32):
         super().__init__()
         if not use_spatial_transformer:
             raise NotImplementedError("only use_spatial_transformer: True (the Stable Diffusion UNet) is implemented")
@@ -174,14 +175,15 @@ class UNetModel(nn.Module):
                 dim_head = ch // heads
             layer = SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, dropout=dropout,
                                        context_dim=context_dim, use_checkpoint=use_checkpoint,
-                                       use_linear=use_linear_in_transformer)
+                                       use_linear=use_linear_in_transformer, norm_num_groups=norm_num_groups)
             for attn in layer.self_attention_layers():
                 attn.tag = tag
             return layer
 
         def res_block(ch_in: int, ch_out: int) -> ResBlock:
             return ResBlock(ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims,
-                            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm)
+                            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm,
+                            norm_num_groups=norm_num_groups)
 
         time_embed_dim = model_channels * 4
         self.time_embed = nn.Sequential(
@@ -226,7 +228,8 @@ class UNetModel(nn.Module):
                 self.output_blocks.append(TimestepEmbedSequential(*layers))
 
         self.out = nn.Sequential(
-            normalization(ch), nn.SiLU(), zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
+            normalization(ch, norm_num_groups), nn.SiLU(),
+            zero_module(conv_nd(dims, model_channels, out_channels, 3, padding=1)))
 
     def self_attention_layers(self) -> list[CrossAttention]:
         """Every tagged self-attention layer (`attn1`), in the order the forward pass runs them."""

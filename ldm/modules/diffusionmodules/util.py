@@ -59,9 +59,9 @@ class GroupNorm32(nn.GroupNorm):
         return super().forward(x.float()).type(x.dtype)
 
 
-def normalization(channels: int) -> nn.Module:
-    """The UNet's normalisation layer: 32 groups, computed in float32."""
-    return GroupNorm32(32, channels)
+def normalization(channels: int, num_groups: int = 32) -> nn.Module:
+    """The UNet's normalisation layer: 32 groups (SD v1), computed in float32."""
+    return GroupNorm32(num_groups, channels)
 
 
 def zero_module(module: nn.Module) -> nn.Module:
