@@ -278,8 +278,10 @@ class RunSetup:
 
     def load_model(self, opt: argparse.Namespace) -> Any:
         from ldm.checkpoint import load_model_from_config
-        return load_model_from_config(OmegaConf.load(self.config_path), self.ckpt_path, use_ema=opt.use_ema,
-                                      device=self.device)
+        model = load_model_from_config(OmegaConf.load(self.config_path), self.ckpt_path, use_ema=opt.use_ema,
+                                       device=self.device)
+        # Weights run in float32 (a no-op for fp32 files); --precision autocast gives float16 on CUDA.
+        return model.float()
 
 
 def prepare_run(opt: argparse.Namespace, *, img2img: bool = False) -> RunSetup:

@@ -616,7 +616,8 @@ def evaluate(request: EvalRequest) -> Optional[Path]:
             instrument = _instrument(request, group.device)  # before the slow model load: it may be missing
             torch.manual_seed(0)  # nothing should draw from the global generator; a stray draw stays reproducible
             model = load_model_from_config(OmegaConf.load(request.config_path), request.ckpt_path,
-                                           use_ema=request.use_ema, device=group.device, verbose=group.is_main)
+                                           use_ema=request.use_ema, device=group.device,
+                                           verbose=group.is_main).float()  # fp16 files run in float32
             runner = SetRunner(model, make_sampler("ddim", model), instrument, request.configurations,
                                request.sampling, group.device)
             outcome: tuple[Optional[str], Optional[str]] = (None, None)
