@@ -79,8 +79,10 @@ def main() -> None:
     print(f"{'group':<6} {'layers':>6} {'time ratio':>11} {'FLOP ratio':>11}")
     for name in GROUPS:
         layers = select_layers(unet, [name])
-        extra = sum(attention_flops(*geometry[layer.tag][:1], geometry[layer.tag][1], opt.batch,
-                                    geometry[layer.tag][0] * (opt.batch - 1)) for _, layer in layers)
+        extra = 0
+        for _, layer in layers:  # each query also sees the (G - 1) * N tokens of the other images
+            tokens, channels = geometry[layer.tag]
+            extra += attention_flops(tokens, channels, opt.batch, tokens * (opt.batch - 1))
         print(f"{name:<6} {len(layers):>6} {medians[name] / medians['off']:>11.3f} "
               f"{(plain_flops + extra) / plain_flops:>11.3f}")
 
