@@ -29,6 +29,15 @@ def sd_unet(seed: int = 0) -> torch.nn.Module:
     return instantiate_from_config(config.model.params.unet_config).eval()
 
 
+def unet_inputs(batch: int, latent: int, seed: int = 0) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Seeded UNet inputs: latents (B, 4, latent, latent), timesteps (B,) at 500, text context (B, 77, 768)."""
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(batch, 4, latent, latent, generator=g)
+    t = torch.full((batch,), 500)
+    context = torch.randn(batch, 77, 768, generator=g)
+    return x, t, context
+
+
 def time_alternately(candidates: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
     """Median seconds per call of each candidate, run in turns so machine noise hits all of them."""
     for fn in candidates.values():

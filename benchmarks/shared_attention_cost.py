@@ -15,7 +15,7 @@ import argparse
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
-from _common import sd_unet, time_alternately
+from _common import sd_unet, time_alternately, unet_inputs
 from ldm.modules.shared_attention import batch_layout, select_layers, shared_attention
 
 GROUPS = ["all", "down", "mid", "up", "64", "32", "16"]
@@ -45,10 +45,7 @@ def main() -> None:
     if opt.threads:
         torch.set_num_threads(opt.threads)
     unet = sd_unet()
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(opt.batch, 4, opt.latent, opt.latent, generator=g)  # (B, 4, h, w)
-    t = torch.full((opt.batch,), 500)
-    context = torch.randn(opt.batch, 77, 768, generator=g)
+    x, t, context = unet_inputs(opt.batch, opt.latent)
 
     def forward(groups: str | None):
         def run():

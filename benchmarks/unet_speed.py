@@ -11,7 +11,7 @@ import argparse
 import torch
 from omegaconf import OmegaConf
 
-from _common import SD_CONFIG, sd_unet, time_alternately
+from _common import SD_CONFIG, sd_unet, time_alternately, unet_inputs
 
 
 def diffusers_copy(unet: torch.nn.Module) -> torch.nn.Module:
@@ -36,10 +36,7 @@ def main() -> None:
         torch.set_num_threads(opt.threads)
     ours = sd_unet()
     theirs = diffusers_copy(ours)
-    g = torch.Generator().manual_seed(0)
-    x = torch.randn(opt.batch, 4, opt.latent, opt.latent, generator=g)  # (B, 4, h, w)
-    t = torch.full((opt.batch,), 500)
-    context = torch.randn(opt.batch, 77, 768, generator=g)
+    x, t, context = unet_inputs(opt.batch, opt.latent)
     with torch.no_grad():
         difference = (ours(x, t, context=context) - theirs(x, t, encoder_hidden_states=context).sample).abs().max()
         medians = time_alternately({
