@@ -414,3 +414,18 @@ def test_a_materialised_model_gets_copies_in_its_own_dtype():
     weight = model.model.diffusion_model.weight
     assert weight.dtype == torch.float32 and torch.equal(weight, torch.ones(2, 2))
     assert weight.data_ptr() != state["model.diffusion_model.weight"].data_ptr()
+
+
+def test_config_ckpt_path_refuses_a_file_missing_network_weights(tmp_path, tiny_config, tiny_state_dict):
+    # CompVis configs may name the weights in `ckpt_path`; that route must not init missing weights randomly.
+    partial = {k: v for k, v in tiny_state_dict.items() if not k.startswith("model.diffusion_model.out.")}
+    safetensors.torch.save_file(partial, tmp_path / "partial.safetensors")
+    config = OmegaConf.to_container(tiny_config.model, resolve=True)
+    config["params"]["ckpt_path"] = str(tmp_path / "partial.safetensors")
+    with pytest.raises(CheckpointMismatchError, match="model.diffusion_model.out"):
+        instantiate_from_config(config)
+    safetensors.torch.save_file(tiny_state_dict, tmp_path / "full.safetensors")
+    config["params"]["ckpt_path"] = str(tmp_path / "full.safetensors")
+    loaded = instantiate_from_config(config)
+    for key, value in loaded.state_dict().items():
+        assert torch.equal(value, tiny_state_dict[key]), key

@@ -150,12 +150,23 @@ class DDPM(nn.Module):
             self.model_ema.restore(self.model.parameters())
 
     def init_from_ckpt(self, path: str, ignore_keys: Sequence[str] = (), only_model: bool = False) -> None:
-        from ldm.checkpoint import load_state_dict_file  # lazy: safe loading lives there
+        """Load weights from `path` (the config's `ckpt_path`).
+
+        The whole model from one file goes through the checkpoint loader, so missing UNet, VAE or
+        text-encoder weights are an error, never a silent random init. With `ignore_keys` (keys left
+        freshly initialised on purpose, e.g. to fine-tune a changed layer) or `only_model` (the file holds
+        the `DiffusionWrapper` alone), the missing keys are expected, and are named rather than refused.
+        """
+        from ldm.checkpoint import load_state_dict_file, load_state_dict_into  # lazy: safe loading lives there
         state = load_state_dict_file(path)
+        if not ignore_keys and not only_model:
+            load_state_dict_into(self, state, source=str(path))
+            return
         state = {k: v for k, v in state.items() if not any(k.startswith(p) for p in ignore_keys)}
         target = self.model if only_model else self
         missing, unexpected = target.load_state_dict(state, strict=False)
-        print(f"Restored from {path}: {len(missing)} missing and {len(unexpected)} unexpected keys")
+        print(f"Restored from {path}: {len(missing)} missing keys (left as initialised, e.g. {missing[:3]}) "
+              f"and {len(unexpected)} unexpected keys")
 
     # ---- forward process and training -------------------------------------------------------------
     def q_sample(self, x_start: torch.Tensor, t: torch.Tensor, noise: Optional[torch.Tensor] = None) -> torch.Tensor:
