@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw, ImageFont, ImageOps, UnidentifiedImageError
 from PIL.PngImagePlugin import PngInfo
 
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.models.diffusion.sampling_util import ddim_update
+from ldm.models.diffusion.sampling_util import draw_noise
 from ldm.modules.shared_attention import SharedAttentionSettings, SharedAttention
 
 
@@ -61,35 +61,6 @@ def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
-def per_image_noise(generators: Sequence[torch.Generator], shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """The next standard-normal draw of each image's generator: (len(generators), *shape)."""
-    noise = [torch.randn(tuple(shape), generator=generator) for generator in generators]
-    return torch.stack(noise).to(device)  # (B, C, H, W)
-
-
-def seeded_noise(seeds: Sequence[int], shape: Sequence[int], device: torch.device) -> torch.Tensor:
-    """One standard-normal latent per seed: (len(seeds), *shape), the first draw of its generator."""
-    return per_image_noise(seeded_generators(seeds), shape, device)
-
-
-class SeededDDIMSampler(DDIMSampler):
-    """DDIM (Song, Meng & Ermon, ICLR 2021, arXiv:2010.02502) whose eta noise is drawn per image.
-
-    The base sampler draws the eta noise of a whole batch from one generator, so an image's noise would
-    depend on its batch position. Here `generator` (of `sample` / `decode`) may be a list with one
-    generator per image, and each image's noise comes from its own. Pass x_T with such a list: the base
-    class draws x_T from a single generator. With eta = 0 nothing is drawn and this is plain DDIM.
-    """
-
-    def _ddim_step(self, x: torch.Tensor, eps: torch.Tensor, index: int, generator: Any = None):
-        sigma = float(self.ddim_sigmas[index])
-        if sigma == 0 or not isinstance(generator, (list, tuple)):
-            return super()._ddim_step(x, eps, index, generator)
-        noise = per_image_noise(generator, x.shape[1:], x.device).to(x.dtype)  # (B, C, H, W)
-        return ddim_update(x, eps, float(self.ddim_alphas[index]), float(self.ddim_alphas_prev[index]),
-                           sigma, noise)
-
-
 def precision_scope(precision: str, device: torch.device):
     """'autocast' runs CUDA in float16 (as CompVis does); the CPU and MPS stay in float32."""
     if precision == "autocast" and device.type == "cuda":
@@ -100,7 +71,7 @@ def precision_scope(precision: str, device: torch.device):
 def make_sampler(name: str, model: Any):
     """'ddim', 'plms' or 'dpm_solver' -> a sampler with the shared `sample(...)` signature."""
     if name == "ddim":
-        return SeededDDIMSampler(model)
+        return DDIMSampler(model)
     if name == "plms":
         from ldm.models.diffusion.plms import PLMSSampler
         return PLMSSampler(model)
@@ -141,13 +112,11 @@ def generate_latents(model: Any, sampler: Any, prompts: Sequence[str], seeds: Se
     conditioning, unconditional = conditionings(model, prompts, negative_prompt, scale)
     generators = seeded_generators(seeds)
     if x_T is None:
-        x_T = per_image_noise(generators, shape, model.device)  # (B, C, H, W)
-    # Only our DDIM takes per-image generators (for eta noise); PLMS and DPM-Solver draw nothing after x_T.
-    per_image = {"generator": generators} if isinstance(sampler, SeededDDIMSampler) else {}
+        x_T = draw_noise((len(seeds), *shape), generators, model.device)  # (B, C, H, W)
     with sharing_scope(model, sharing):
         samples, _ = sampler.sample(S=steps, batch_size=len(prompts), shape=tuple(shape), conditioning=conditioning,
                                     unconditional_guidance_scale=scale, unconditional_conditioning=unconditional,
-                                    eta=eta, x_T=x_T, verbose=verbose, **per_image)
+                                    eta=eta, x_T=x_T, verbose=verbose, generator=generators)
     return samples
 
 
@@ -185,12 +154,11 @@ def img2img_latents(model: Any, sampler: DDIMSampler, init_latent: torch.Tensor,
     conditioning, unconditional = conditionings(model, prompts, negative_prompt, scale)
     sampler.make_schedule(steps, ddim_eta=eta, verbose=False)
     generators = seeded_generators(seeds)
-    noise = per_image_noise(generators, init_latent.shape[1:], model.device)  # (B, C, h, w)
+    noise = draw_noise(tuple(x0.shape), generators, model.device)  # (B, C, h, w)
     noised = sampler.stochastic_encode(x0, t_enc, noise=noise)
-    per_image = generators if isinstance(sampler, SeededDDIMSampler) else None
     with sharing_scope(model, sharing):
         return sampler.decode(noised, conditioning, t_enc, unconditional_guidance_scale=scale,
-                              unconditional_conditioning=unconditional, generator=per_image, verbose=verbose)
+                              unconditional_conditioning=unconditional, generator=generators, verbose=verbose)
 
 
 @torch.no_grad()

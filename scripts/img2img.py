@@ -24,8 +24,9 @@ import torch  # noqa: E402
 from ldm.cli import (UsageError, add_model_arguments, add_output_arguments, add_sampling_arguments,  # noqa: E402
                      add_shared_attention_arguments, apply_model_defaults, pixel_multiple, prepare_run,
                      print_shared_attention_help, run_cli, run_metadata, sample_and_save)
-from ldm.generation import (SeededDDIMSampler, encode_init_image, encode_steps, img2img_latents,  # noqa: E402
+from ldm.generation import (encode_init_image, encode_steps, img2img_latents,  # noqa: E402
                             load_init_image)
+from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 from ldm.modules.shared_attention import SharedAttentionSettings  # noqa: E402
 
 # CompVis' img2img defaults where they differ from its txt2img (SD v1 only; --demo keeps its own).
@@ -78,7 +79,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     print(f"target t_enc is {t_enc} steps")
 
     model = run.load_model(opt)
-    sampler = SeededDDIMSampler(model)
+    sampler = DDIMSampler(model)
     init_latent = encode_init_image(model, init_image)  # (1, C, H/f, W/f)
     if init_latent.shape[-1] * opt.f != opt.W:
         raise UsageError(f"--f {opt.f} does not match the autoencoder, which maps {opt.W} px to "

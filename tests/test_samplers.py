@@ -416,6 +416,23 @@ def test_ddim_eta_noise_comes_from_the_generator():
     assert not torch.allclose(run(1), run(2))
 
 
+def test_one_generator_per_image_makes_each_image_independent_of_its_batch_mates():
+    # x_T and DDIM's eta noise both come from image i's own generator when a list is given.
+    model, cond = GaussianDataModel(), inputs()[1]
+
+    def run(seeds, conditioning):
+        generators = [torch.Generator().manual_seed(s) for s in seeds]
+        return DDIMSampler(model).sample(8, len(seeds), SHAPE, conditioning=conditioning, eta=1.0,
+                                         verbose=False, generator=generators)[0]
+
+    both, alone = run([5, 6], cond), run([6], cond[1:])
+    torch.testing.assert_close(both[1:], alone)
+    assert not torch.allclose(both[0], both[1])
+    with pytest.raises(ValueError, match="3 generators for a batch of 2"):
+        DDIMSampler(model).sample(8, 2, SHAPE, conditioning=cond[:2], eta=1.0, verbose=False,
+                                  generator=[torch.Generator() for _ in range(3)])
+
+
 @pytest.mark.parametrize("sampler_class", SAMPLERS)
 def test_callbacks_run_once_per_step_and_intermediates_follow_log_every_t(sampler_class):
     model, (x_T, cond) = GaussianDataModel(), inputs()

@@ -14,7 +14,7 @@ from typing import Any, Callable, Optional, Union
 import torch
 
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
-from ldm.models.diffusion.sampling_util import DiffusionSampler, SamplingRun, StepResult, draw_noise
+from ldm.models.diffusion.sampling_util import DiffusionSampler, Generators, SamplingRun, StepResult, draw_noise
 from ldm.modules.diffusionmodules.util import extract_into_tensor
 
 
@@ -46,7 +46,7 @@ class DDIMSampler(DiffusionSampler):
     @torch.no_grad()
     def stochastic_encode(self, x0: torch.Tensor, t: Union[int, torch.Tensor], use_original_steps: bool = False,
                           noise: Optional[torch.Tensor] = None,
-                          generator: Optional[torch.Generator] = None) -> torch.Tensor:
+                          generator: Generators = None) -> torch.Tensor:
         """q_sample: sqrt(a) x0 + sqrt(1 - a) noise, with a the level `decode(..., t_start=t)` starts at.
 
         t (int or (B,) ints) counts DDIM steps: t = S (strength 1) is the noisiest grid timestep,
@@ -70,7 +70,7 @@ class DDIMSampler(DiffusionSampler):
     @torch.no_grad()
     def decode(self, x_latent: torch.Tensor, cond: Any, t_start: int, unconditional_guidance_scale: float = 1.0,
                unconditional_conditioning: Any = None, callback: Optional[Callable[[int], None]] = None,
-               generator: Optional[torch.Generator] = None, verbose: bool = True) -> torch.Tensor:
+               generator: Generators = None, verbose: bool = True) -> torch.Tensor:
         """Denoise `x_latent` with the last `t_start` steps of the grid (img2img); t_start in 0..S.
 
         t_start = S (strength 1.0) runs the whole grid, t_start = 0 returns `x_latent` unchanged.

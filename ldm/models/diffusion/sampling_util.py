@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence, Union
 
 import numpy as np
 import torch
@@ -71,6 +71,10 @@ def ddim_sigmas(alphas: torch.Tensor, alphas_prev: torch.Tensor, eta: float) -> 
     return eta * torch.sqrt((1 - alphas_prev) / (1 - alphas) * (1 - alphas / alphas_prev))
 
 
+# One generator for a whole batch, or one per image (see `draw_noise`).
+Generators = Optional[Union[torch.Generator, Sequence[torch.Generator]]]
+
+
 def ddim_update(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: float,
                 sigma: float = 0.0, noise: Optional[torch.Tensor] = None) -> StepResult:
     """One DDIM step (Song et al. 2021, eq. 12) from level `alpha` to level `alpha_prev`.
@@ -85,12 +89,20 @@ def ddim_update(x: torch.Tensor, eps: torch.Tensor, alpha: float, alpha_prev: fl
     return x_prev, pred_x0
 
 
-def draw_noise(shape: tuple[int, ...], generator: Optional[torch.Generator], device: torch.device,
+def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.device,
                dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Standard normal noise, drawn from `generator` when given.
+    """Standard normal noise of `shape`, drawn from `generator` when given.
 
-    Drawn on the generator's own device and then moved, so a CPU generator also works for a GPU model.
+    `generator` may be one generator for the whole tensor or a sequence with one generator per entry of
+    the first (batch) dimension; then image i's noise is the next draw of its own generator, so it does
+    not depend on the image's batch position or on its batch mates. Noise is drawn on the generator's
+    own device and then moved, so a CPU generator also works for a GPU model.
     """
+    if isinstance(generator, (list, tuple)):
+        if len(generator) != shape[0]:
+            raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; give one per image")
+        noise = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
+        return torch.stack(noise).to(device)
     source = generator.device if generator is not None else device
     return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
 
@@ -133,7 +145,7 @@ class SamplingRun:
 
     guide: ClassifierFreeGuidance
     total_steps: int
-    generator: Optional[torch.Generator] = None
+    generator: Generators = None
     step_index: int = 0
     history: list[Any] = field(default_factory=list)
 
@@ -194,14 +206,15 @@ class DiffusionSampler:
                img_callback: Optional[Callable[[torch.Tensor, int], None]] = None,
                eta: float = 0.0, x_T: Optional[torch.Tensor] = None, verbose: bool = True,
                log_every_t: int = 100, unconditional_guidance_scale: float = 1.0,
-               unconditional_conditioning: Any = None, generator: Optional[torch.Generator] = None,
+               unconditional_conditioning: Any = None, generator: Generators = None,
                **compvis_options: Any) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Sample `batch_size` latents of `shape` = (C, H, W) in S steps.
 
         Arguments after `callback` are keyword-only: CompVis' positional order differs after it.
         Returns (samples (B, C, H, W), {"x_inter": [...], "pred_x0": [...]}). `callback(i)` and
         `img_callback(pred_x0, i)` run after each step i. x_T (and DDIM's eta noise) is drawn from
-        `generator` when given, so a seeded generator reproduces the samples.
+        `generator` when given, so a seeded generator reproduces the samples; a list of generators, one
+        per image, makes each image's noise its own (see `draw_noise`).
         """
         _reject_unsupported_options(compvis_options)
         cond_batch = _batch_size_of(conditioning)
@@ -219,7 +232,7 @@ class DiffusionSampler:
     def _denoise(self, x: torch.Tensor, guide: ClassifierFreeGuidance, num_steps: int,
                  callback: Optional[Callable[[int], None]] = None,
                  img_callback: Optional[Callable[[torch.Tensor, int], None]] = None,
-                 log_every_t: int = 100, generator: Optional[torch.Generator] = None,
+                 log_every_t: int = 100, generator: Generators = None,
                  verbose: bool = True) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
         """Run the last `num_steps` steps of the grid (all of them for txt2img), noisiest first."""
         intermediates = {"x_inter": [x], "pred_x0": [x]}
@@ -244,7 +257,7 @@ class DiffusionSampler:
         raise NotImplementedError
 
     def _ddim_step(self, x: torch.Tensor, eps: torch.Tensor, index: int,
-                   generator: Optional[torch.Generator] = None) -> StepResult:
+                   generator: Generators = None) -> StepResult:
         """DDIM update of grid position `index` with this grid's eta noise."""
         sigma = float(self.ddim_sigmas[index])
         noise = draw_noise(x.shape, generator, x.device, x.dtype) if sigma > 0 else None
