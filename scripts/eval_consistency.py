@@ -8,8 +8,9 @@
     torchrun --nproc_per_node 2 scripts/eval_consistency.py --demo  # jobs sharded over 2 processes
 
 Every configuration generates the same prompt sets from the same seeds (image i of the set with seed
-s starts from seed 1000*s + i), so differences come from sharing only. Metrics, configurations and the
-report are in `ldm/eval/consistency.py`; sharding over processes in `ldm/eval/distributed.py`.
+s starts from seed 1000*s + i), so differences come from sharing only. The run is in
+`ldm/eval/consistency.py`, which lists the modules of its parts (metrics, instruments, configurations,
+jobs, report); sharding over processes in `ldm/eval/distributed.py`.
 Outputs (results.md, results.csv, sets.csv, timing.csv, summary.json, one grid per configuration) go
 to --outdir, which must be new or empty; by default a new outputs/consistency/run-NNNN.
 """
@@ -26,9 +27,10 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.cli import (DEMO_DEFAULTS, SD_DEFAULTS, UsageError, check_checkpoint, resolve_path, run_cli,  # noqa: E402
                      unet_without_weights)
-from ldm.eval.consistency import (CONFIGURATION_SYNTAX, DEFAULT_PROMPTS, SEED_STRIDE, EvalRequest,  # noqa: E402
-                                  Sampling, check_output_folder, evaluate, named_attributes,
-                                  resolve_configurations)
+from ldm.eval.configurations import CONFIGURATION_SYNTAX, resolve_configurations  # noqa: E402
+from ldm.eval.consistency import DEFAULT_PROMPTS, EvalRequest, check_output_folder, evaluate  # noqa: E402
+from ldm.eval.jobs import SEED_STRIDE, Sampling  # noqa: E402
+from ldm.eval.metrics import named_attributes  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:

@@ -1,5 +1,5 @@
-"""Specification of the consistency evaluation (scripts/eval_consistency.py, ldm/eval/consistency.py,
-ldm/eval/distributed.py).
+"""Specification of the consistency evaluation (scripts/eval_consistency.py, ldm/eval/consistency.py and
+its parts metrics.py, instruments.py, configurations.py, jobs.py, report.py, and ldm/eval/distributed.py).
 
 Metrics are checked on hand-made inputs. End-to-end runs use configs/tiny/tiny-inference.yaml with
 random weights (written once per module), a tiny random attribute classifier, 2 DDIM steps, sets of
@@ -28,9 +28,11 @@ from PIL import Image
 import ldm.checkpoint
 from ldm.eval import consistency
 from ldm.eval.attribute_classifier import AttributeClassifier, ClassifierConfig, save_attribute_classifier
-from ldm.eval.consistency import (Configuration, Sampling, SetRunner, attribute_metrics, create_output_folder,
-                                  make_jobs, mean_pairwise_cosine, pairwise_agreement, parse_configuration,
-                                  resolve_configurations, spread, unspecified_attributes)
+from ldm.eval.configurations import Configuration, parse_configuration, resolve_configurations
+from ldm.eval.consistency import create_output_folder
+from ldm.eval.jobs import Sampling, SetRunner, image_seeds, make_jobs
+from ldm.eval.metrics import (attribute_metrics, mean_pairwise_cosine, pairwise_agreement, spread,
+                              unspecified_attributes)
 from ldm.eval.distributed import ProcessGroup, shard
 from ldm.generation import UsageError, decode_to_images, generate_latents, make_sampler
 from ldm.util import instantiate_from_config
@@ -148,7 +150,7 @@ def test_every_configuration_gets_the_same_seeds():
     assert len(jobs) == 2 * 2 * 2 and [j.index for j in jobs] == list(range(8))
     by_config = {name: [(j.seed, j.prompt) for j in jobs if j.configuration == name] for name in ("off", "all")}
     assert by_config["off"] == by_config["all"]
-    assert consistency.image_seeds(2, 3) == [2000, 2001, 2002]
+    assert image_seeds(2, 3) == [2000, 2001, 2002]
 
 
 def test_sharding_splits_jobs_disjointly_and_completely():

@@ -1,0 +1,97 @@
+"""Instruments: what measures the images of a prompt set and turns them into its metrics.
+
+Each instrument has a `description` (for the report) and `measure(prompt, images) -> (metrics,
+labels)`, metrics keyed as `ldm.eval.metrics.METRICS`. Images are the 8-bit PIL pictures the report
+shows: the attribute classifier sees them as (B, 3, H, W) in [-1, 1], `transformers` processors get
+the PIL images themselves. Feature models load from local files only; nothing is downloaded.
+"""
+from __future__ import annotations
+
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from ldm.eval.metrics import NAMED_ATTRIBUTES, attribute_metrics, blank_metrics, mean_pairwise_cosine
+from ldm.generation import UsageError
+
+
+def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
+    array = np.stack([np.asarray(image.convert("RGB"), dtype=np.float32) for image in images])  # (B, H, W, 3)
+    return torch.from_numpy(array).permute(0, 3, 1, 2) / 127.5 - 1.0  # (B, 3, H, W) in [-1, 1]
+
+
+class AttributeInstrument:
+    """The attribute classifier of `ldm.eval.attribute_classifier` (for the synthetic-object models)."""
+
+    description = "attribute classifier"
+
+    def __init__(self, classifier: torch.nn.Module, device: torch.device) -> None:
+        self.classifier, self.device = classifier.to(device).eval(), device
+
+    def measure(self, prompt: str, images: Sequence[Image.Image]) -> tuple[dict[str, float], dict[str, list[str]]]:
+        """(metrics, predicted labels per attribute) of one set."""
+        x = images_to_tensor(images).to(self.device)
+        predictions = self.classifier.predict(x)
+        metrics = attribute_metrics(prompt, predictions)
+        metrics["feature_sim"] = mean_pairwise_cosine(self.classifier.features(x))
+        labels = {name: list(predictions[name]) for name in (*NAMED_ATTRIBUTES, "facing")}
+        return metrics, labels
+
+
+class FeatureModelInstrument:
+    """A `transformers` image model: DINO-style (`AutoModel`, CLS token) or CLIP (`CLIPModel`, projected
+    embeddings, plus the prompt for a text-image score). Loaded from local files only."""
+
+    def __init__(self, kind: str, model: torch.nn.Module, processor: Any, device: torch.device) -> None:
+        self.kind, self.model, self.processor, self.device = kind, model.to(device).eval(), processor, device
+        self.description = f"{kind} image features of `{getattr(model, 'name_or_path', '') or type(model).__name__}`"
+
+    @classmethod
+    def load(cls, kind: str, name_or_path: str, device: torch.device) -> "FeatureModelInstrument":
+        import transformers
+        if kind not in ("dino", "clip"):
+            raise UsageError(f"--features {kind!r} is not known; use dino or clip")
+        model_class, processor_class = ((transformers.CLIPModel, transformers.CLIPProcessor) if kind == "clip"
+                                        else (transformers.AutoModel, transformers.AutoImageProcessor))
+        try:
+            processor = processor_class.from_pretrained(name_or_path, local_files_only=True)
+            model = model_class.from_pretrained(name_or_path, local_files_only=True)
+        except (OSError, ValueError) as error:
+            raise UsageError(f"--feature-model {name_or_path}: cannot load a {kind} model from local files "
+                             f"({error}). Nothing is downloaded: give a folder written by save_pretrained or "
+                             "a hub id already in the Hugging Face cache") from None
+        return cls(kind, model, processor, device)
+
+    @staticmethod
+    def _embedding(output: Any) -> torch.Tensor:
+        # transformers 5 returns a model output whose pooler_output holds the projection; older
+        # versions return the tensor itself.
+        return output if isinstance(output, torch.Tensor) else output.pooler_output
+
+    @torch.no_grad()
+    def image_features(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """(B, D) features of PIL images."""
+        image_processor = self.processor.image_processor if self.kind == "clip" else self.processor
+        pixels = image_processor(images=list(images), return_tensors="pt")["pixel_values"].to(self.device)
+        if self.kind == "clip":
+            return self._embedding(self.model.get_image_features(pixel_values=pixels)).float()
+        return self.model(pixel_values=pixels).last_hidden_state[:, 0].float()  # (B, D): the CLS token
+
+    @torch.no_grad()
+    def text_features(self, prompt: str) -> torch.Tensor:
+        """(1, D) CLIP embedding of the prompt."""
+        tokens = self.processor.tokenizer([prompt], padding=True, truncation=True, return_tensors="pt")
+        tokens = {k: v.to(self.device) for k, v in tokens.items()}
+        return self._embedding(self.model.get_text_features(**tokens)).float()
+
+    def measure(self, prompt: str, images: Sequence[Image.Image]) -> tuple[dict[str, float], dict[str, list[str]]]:
+        metrics = blank_metrics()
+        features = self.image_features(images)
+        metrics["feature_sim"] = mean_pairwise_cosine(features)
+        if self.kind == "clip":
+            cosines = F.cosine_similarity(features.double(), self.text_features(prompt).double(), dim=-1)  # (B,)
+            metrics["text_image"] = float(cosines.mean())
+        return metrics, {}

@@ -1,0 +1,127 @@
+"""Jobs of the consistency evaluation, and generating and measuring them.
+
+A job is one (configuration, seed, prompt set); image i of the set with seed s starts from the noise
+of seed `s * SEED_STRIDE + i`, the same in every configuration, so differences between configurations
+come from sharing alone. `SetRunner` generates a job's set in one batch (DDIM, eta 0, latents (C, h, w)
+per image), times sampling and decoding, and measures the images with an instrument
+(`ldm.eval.instruments`).
+"""
+from __future__ import annotations
+
+import io
+import math
+import sys
+import time
+from dataclasses import dataclass, field
+from typing import Any, Optional, Sequence
+
+import torch
+from PIL import Image
+
+from ldm.eval.configurations import Configuration
+from ldm.generation import decode_to_images, generate_latents, precision_scope
+from ldm.modules.shared_attention import SharedAttentionSettings
+
+SEED_STRIDE = 1000  # image i of the set with seed s uses seed s * SEED_STRIDE + i
+
+
+@dataclass(frozen=True)
+class Job:
+    """One prompt set of one configuration and seed; `index` is its place in the full, ordered list."""
+
+    index: int
+    configuration: str
+    seed: int
+    set_index: int
+    prompt: str
+
+
+def image_seeds(seed: int, set_size: int) -> list[int]:
+    return [seed * SEED_STRIDE + i for i in range(set_size)]
+
+
+def make_jobs(configurations: Sequence[Configuration], seeds: Sequence[int], prompts: Sequence[str]) -> list[Job]:
+    """Every (configuration, seed, prompt set), ordered by configuration, then seed, then set."""
+    triples = [(c.name, s, p) for c in configurations for s in seeds for p in range(len(prompts))]
+    return [Job(i, name, seed, p, prompts[p]) for i, (name, seed, p) in enumerate(triples)]
+
+
+@dataclass
+class SetResult:
+    job: Job
+    image_seeds: list[int]
+    metrics: dict[str, float]
+    labels: dict[str, list[str]]
+    seconds: float
+    peak_memory_mb: float
+    images_png: list[bytes] = field(default_factory=list)  # only for the seed shown in the grids
+
+
+@dataclass(frozen=True)
+class Sampling:
+    """How every set is generated: DDIM with eta 0, latents of `shape` (C, h, w)."""
+
+    shape: tuple[int, int, int]
+    steps: int
+    scale: float
+    set_size: int
+    precision: str = "full"
+
+
+def reset_peak_memory(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(device)
+
+
+def peak_memory_mb(device: torch.device) -> float:
+    if device.type == "cuda":
+        return torch.cuda.max_memory_allocated(device) / 2 ** 20
+    try:
+        import resource
+    except ImportError:  # not on Windows
+        return math.nan
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2 ** 20 if sys.platform == "darwin" else peak / 2 ** 10  # bytes on macOS, KiB on Linux
+
+
+def png_bytes(image: Image.Image) -> bytes:
+    buffer = io.BytesIO()
+    image.save(buffer, format="PNG")
+    return buffer.getvalue()
+
+
+class SetRunner:
+    """Generates and measures jobs with one model, sampler and instrument."""
+
+    def __init__(self, model: Any, sampler: Any, instrument: Any, configurations: Sequence[Configuration],
+                 sampling: Sampling, device: torch.device) -> None:
+        self.model, self.sampler, self.instrument = model, sampler, instrument
+        self.sampling, self.device = sampling, device
+        self.sharing = {c.name: c.sharing for c in configurations}
+
+    def images(self, prompt: str, seeds: Sequence[int], sharing: Optional[SharedAttentionSettings],
+               steps: Optional[int] = None) -> list[Image.Image]:
+        s = self.sampling
+        with precision_scope(s.precision, self.device):
+            latents = generate_latents(self.model, self.sampler, [prompt] * len(seeds), list(seeds), shape=s.shape,
+                                       steps=steps or s.steps, scale=s.scale, sharing=sharing)
+            return decode_to_images(self.model, latents)
+
+    def warm_up(self, prompt: str) -> None:
+        """One short untimed run, so the first configuration's time does not include first-call costs."""
+        self.images(prompt, image_seeds(0, self.sampling.set_size), None, steps=1)
+
+    def run(self, job: Job, keep_images: bool) -> SetResult:
+        seeds = image_seeds(job.seed, self.sampling.set_size)
+        reset_peak_memory(self.device)
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        start = time.perf_counter()
+        images = self.images(job.prompt, seeds, self.sharing[job.configuration])
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
+        seconds = time.perf_counter() - start
+        memory = peak_memory_mb(self.device)
+        metrics, labels = self.instrument.measure(job.prompt, images)
+        return SetResult(job, seeds, metrics, labels, seconds, memory,
+                         [png_bytes(image) for image in images] if keep_images else [])

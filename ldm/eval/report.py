@@ -1,0 +1,149 @@
+"""Aggregation and report of the consistency evaluation.
+
+Per (configuration, seed) each metric is averaged over the prompt sets; per configuration the report
+gives mean and sample std (ddof 1) over seeds. Writes results.md, results.csv, sets.csv, timing.csv,
+summary.json and one labelled image grid per configuration, never overwriting a file. NaN (a value
+that does not apply) is an empty CSV cell, null in JSON and '–' in markdown.
+"""
+from __future__ import annotations
+
+import csv
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any, Mapping, Sequence
+
+import numpy as np
+from PIL import Image
+
+from ldm.eval.configurations import Configuration
+from ldm.eval.jobs import SEED_STRIDE, SetResult
+from ldm.eval.metrics import METRICS, TIMING, finite_mean
+from ldm.generation import image_grid
+
+# The columns of results.md, in order (columns empty for every configuration are left out).
+REPORT_COLUMNS = ("agreement", "agree_colour", "agree_pattern", "feature_sim", "acc_cls", "acc_specified",
+                  "text_image", "spread_x", "spread_y", "spread_size")
+
+
+def per_seed(results: Sequence[SetResult], configurations: Sequence[Configuration],
+             seeds: Sequence[int]) -> list[dict[str, Any]]:
+    """One row per (configuration, seed): each metric averaged over the prompt sets, plus timing."""
+    rows = []
+    for configuration in configurations:
+        for seed in seeds:
+            sets = [r for r in results if r.job.configuration == configuration.name and r.job.seed == seed]
+            row: dict[str, Any] = {"configuration": configuration.name, "seed": seed}
+            row.update({m: finite_mean([r.metrics[m] for r in sets]) for m in METRICS})
+            row["sec_per_image"] = sum(r.seconds for r in sets) / sum(len(r.image_seeds) for r in sets)
+            row["peak_memory_mb"] = max(r.peak_memory_mb for r in sets)
+            rows.append(row)
+    return rows
+
+
+def summarize(seed_rows: Sequence[Mapping[str, Any]], configurations: Sequence[Configuration]) -> dict[str, dict]:
+    """configuration -> metric -> {"mean", "std", "n_seeds"} over the seeds with a value (std ddof 1)."""
+    summary: dict[str, dict] = {}
+    for configuration in configurations:
+        rows = [r for r in seed_rows if r["configuration"] == configuration.name]
+        summary[configuration.name] = {}
+        for metric in (*METRICS, *TIMING):
+            values = np.array([r[metric] for r in rows if not math.isnan(r[metric])], dtype=np.float64)
+            summary[configuration.name][metric] = {
+                "mean": float(values.mean()) if len(values) else math.nan,
+                "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                "n_seeds": int(len(values)),
+            }
+    return summary
+
+
+def _cell(value: Any) -> str:
+    if isinstance(value, float):
+        return "" if math.isnan(value) else format(value, ".6g")
+    return str(value)
+
+
+def write_csv(path: Path, rows: Sequence[Mapping[str, Any]], columns: Sequence[str]) -> None:
+    with open(path, "x", newline="", encoding="utf-8") as handle:  # "x": never overwrite
+        writer = csv.writer(handle, lineterminator="\n")
+        writer.writerow(columns)
+        writer.writerows([[_cell(row[c]) for c in columns] for row in rows])
+
+
+def _json_safe(value: Any) -> Any:
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def _mean_std(entry: Mapping[str, Any], digits: int) -> str:
+    mean, std = entry["mean"], entry["std"]
+    if math.isnan(mean):
+        return "–"
+    return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
+
+
+def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Configuration],
+                    run_info: Mapping[str, Any], notes: Sequence[str]) -> str:
+    shown = [m for m in REPORT_COLUMNS if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
+    header = ["configuration", *shown, "s / image", "peak MB"]
+    lines = [
+        "# Batch-shared attention: consistency evaluation", "",
+        f"Model `{run_info['config']}` (`{run_info['ckpt']}`), DDIM {run_info['steps']} steps, guidance scale "
+        f"{run_info['scale']}; {len(run_info['prompts'])} prompt sets of {run_info['set_size']} images, seeds "
+        f"{', '.join(map(str, run_info['seeds']))} (image i of a set with seed s starts from seed "
+        f"{SEED_STRIDE}*s + i in every configuration); measured with the {run_info['instrument']}.", "",
+        "| " + " | ".join(header) + " |", "|" + "---|" * len(header),
+    ]
+    for c in configurations:
+        cells = [f"`{c.name}`", *(_mean_std(summary[c.name][m], 3) for m in shown),
+                 _mean_std(summary[c.name]["sec_per_image"], 3), _mean_std(summary[c.name]["peak_memory_mb"], 0)]
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", "Mean ± std over seeds; a seed's value is the mean over its prompt sets.", ""]
+    lines += [f"- `{m}`: {METRICS[m]}" for m in shown]
+    lines += ["- `s / image`: " + TIMING["sec_per_image"], "- `peak MB`: " + TIMING["peak_memory_mb"]]
+    if notes:
+        lines += ["", "Notes:", *(f"- {note}" for note in notes)]
+    return "\n".join(lines) + "\n"
+
+
+def grid_file_name(position: int, name: str) -> str:
+    return f"grid-{position:02d}-{re.sub(r'[^A-Za-z0-9._+=-]', '_', name)}.png"
+
+
+def write_report(outdir: Path, results: Sequence[SetResult], configurations: Sequence[Configuration],
+                 run_info: Mapping[str, Any], notes: Sequence[str]) -> list[Path]:
+    """results.md, results.csv (quality, per configuration x seed), sets.csv (per set), timing.csv,
+    summary.json and one labelled grid per configuration; returns the paths written."""
+    results = sorted(results, key=lambda r: r.job.index)
+    seeds = list(run_info["seeds"])
+    seed_rows = per_seed(results, configurations, seeds)
+    summary = summarize(seed_rows, configurations)
+    paths = {name: outdir / name for name in ("results.md", "results.csv", "sets.csv", "timing.csv", "summary.json")}
+    write_csv(paths["results.csv"], seed_rows, ["configuration", "seed", *METRICS])
+    write_csv(paths["timing.csv"], seed_rows, ["configuration", "seed", *TIMING])
+    label_names = sorted({name for r in results for name in r.labels})
+    set_rows = [{"configuration": r.job.configuration, "seed": r.job.seed, "set": r.job.set_index,
+                 "prompt": r.job.prompt, "image_seeds": " ".join(map(str, r.image_seeds)), **r.metrics,
+                 **{f"labels_{n}": "|".join(r.labels.get(n, [])) for n in label_names}} for r in results]
+    write_csv(paths["sets.csv"], set_rows, ["configuration", "seed", "set", "prompt", "image_seeds", *METRICS,
+                                            *(f"labels_{n}" for n in label_names)])
+    paths["results.md"].write_text(markdown_report(summary, configurations, run_info, notes), encoding="utf-8")
+    grids = []
+    for position, configuration in enumerate(configurations):
+        shown = [r for r in results if r.job.configuration == configuration.name and r.images_png]
+        rows = [[Image.open(io.BytesIO(data)) for data in r.images_png] for r in shown]
+        labels = [f"{r.job.prompt} (seeds {r.image_seeds[0]}-{r.image_seeds[-1]})" for r in shown]
+        grids.append(outdir / grid_file_name(position, configuration.name))
+        image_grid(rows, row_labels=labels).save(grids[-1], format="PNG")
+    document = {"run": dict(run_info), "configurations": [c.as_metadata() for c in configurations],
+                "summary": summary, "metrics": METRICS, "timing": TIMING, "notes": list(notes),
+                "files": sorted(p.name for p in [*paths.values(), *grids])}
+    paths["summary.json"].write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
+    return [*paths.values(), *grids]
