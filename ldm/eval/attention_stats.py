@@ -1,0 +1,89 @@
+"""How selective is a model's self-attention, and what would sharing let each image see?
+
+Batch sharing can only make images consistent if a query finds *matching* tokens among the other
+images' keys (a chair leg attending to chair legs) and copies their appearance. If a model's
+self-attention is nearly uniform, a query averages all tokens alike, and sharing merely blends the
+batch's averages. `AttentionRecorder` measures both sides while the model generates, for every tagged
+self-attention layer (`attn1`), with sharing off:
+
+- `entropy`: the normalised entropy of each query's attention over its own image's keys, averaged
+  over queries, heads and calls: 1.0 is uniform attention, lower is more selective (NaN for a
+  layer with a single token).
+- `other_mass`: if the keys of all images of the set were pooled (sharing "all", strength 0), the share
+  of a query's attention that would go to the other images. A query that prefers its own image gives
+  less than `(B - 1) / B`, the value of attention that cannot tell images apart.
+
+With classifier-free guidance the batch is [unconditional; conditional]; only the conditional images
+(the last `set_size` of the batch) are measured. Queries are processed in chunks, so no
+(B*N) x (B*N) tensor is built even at SD v1's 4096 tokens.
+"""
+from __future__ import annotations
+
+import math
+from collections import defaultdict
+
+import torch
+from torch import nn
+
+from ldm.modules.shared_attention import find_unet, tagged_layers
+
+QUERY_CHUNK = 1024
+
+
+def attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[float, float]:
+    """(mean normalised own-image entropy, mean share on other images) for q, k of shape (B, heads, N, d)."""
+    batch, _, tokens, _ = q.shape
+    pooled = torch.cat(k.unbind(0), dim=1)  # (heads, B*N, d): the keys sharing "all" would offer
+    entropy_sum, other_sum, count = 0.0, 0.0, 0
+    for i in range(batch):
+        for start in range(0, tokens, QUERY_CHUNK):
+            queries = q[i, :, start:start + QUERY_CHUNK].float()  # (heads, n, d)
+            logits = queries @ pooled.float().transpose(1, 2) * scale  # (heads, n, B*N)
+            own = logits[..., i * tokens:(i + 1) * tokens].softmax(dim=-1)
+            if tokens > 1:
+                entropy = -(own * own.clamp_min(1e-30).log()).sum(dim=-1) / math.log(tokens)
+                entropy_sum += entropy.sum().item()
+            weights = logits.softmax(dim=-1).unflatten(-1, (batch, tokens)).sum(dim=-1)  # (heads, n, B)
+            other_sum += (1.0 - weights[..., i]).sum().item()
+            count += queries.shape[0] * queries.shape[1]
+    entropy_mean = entropy_sum / count if tokens > 1 else math.nan  # one token: nothing to choose from
+    return entropy_mean, other_sum / count
+
+
+class AttentionRecorder:
+    """`with AttentionRecorder(model, set_size=4) as rec: ...generate...`, then `rec.summary()`."""
+
+    def __init__(self, model: nn.Module, set_size: int):
+        self.unet = find_unet(model)
+        self.set_size = set_size
+        self.values: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self._handles: list = []
+
+    def _hook(self, tag: str):
+        def record(layer: nn.Module, args: tuple) -> None:
+            x = args[0][-self.set_size:]  # the conditional images: the second half under guidance
+            heads = layer.heads
+            q = layer.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+            k = layer.to_k(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+            self.values[tag].append(attention_statistics(q, k, layer.scale))
+        return record
+
+    def __enter__(self) -> "AttentionRecorder":
+        self._handles = [layer.register_forward_pre_hook(self._hook(layer.tag))
+                         for _, layer in tagged_layers(self.unet)]
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self._handles:
+            handle.remove()
+        self._handles = []
+
+    def summary(self) -> dict[str, dict[str, float]]:
+        """group tag (e.g. "up.32") -> {"calls", "entropy", "other_mass", "uniform_other_mass"}, averaged over
+        the group's layers and every call, in the UNet's order."""
+        uniform = (self.set_size - 1) / self.set_size
+        out = {}
+        for tag, values in self.values.items():
+            out[tag] = {"calls": len(values), "entropy": sum(v[0] for v in values) / len(values),
+                        "other_mass": sum(v[1] for v in values) / len(values), "uniform_other_mass": uniform}
+        return out

@@ -1,0 +1,105 @@
+"""The self-attention diagnostic (ldm/eval/attention_stats.py, scripts/attention_stats.py)."""
+from __future__ import annotations
+
+import importlib.util
+import math
+
+import pytest
+import safetensors.torch
+import torch
+from omegaconf import OmegaConf
+
+from ldm.eval import attention_stats
+from ldm.eval.attention_stats import AttentionRecorder, attention_statistics
+from ldm.generation import UsageError, generate_latents
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.modules.shared_attention import tagged_layers
+from ldm.util import instantiate_from_config
+from tests.conftest import ROOT, TINY_CONFIG, randomize_
+
+
+def direct_statistics(q, k, scale):
+    """Textbook version: the full (N, B*N) softmax per image and head, no chunking."""
+    batch, heads, tokens, _ = q.shape
+    entropies, others = [], []
+    for i in range(batch):
+        for h in range(heads):
+            logits = q[i, h] @ torch.cat([k[j, h] for j in range(batch)]).T * scale  # (N, B*N)
+            own = torch.softmax(logits[:, i * tokens:(i + 1) * tokens], dim=-1)
+            entropies.append((-(own * own.log()).sum(-1) / math.log(tokens)).mean())
+            pooled = torch.softmax(logits, dim=-1)
+            others.append(1 - pooled[:, i * tokens:(i + 1) * tokens].sum(-1).mean())
+    return torch.stack(entropies).mean().item(), torch.stack(others).mean().item()
+
+
+def test_statistics_match_a_direct_computation_across_query_chunks(monkeypatch):
+    monkeypatch.setattr(attention_stats, "QUERY_CHUNK", 3)  # 10 tokens: chunks of 3, 3, 3, 1
+    g = torch.Generator().manual_seed(0)
+    q, k = torch.randn(3, 2, 10, 8, generator=g), torch.randn(3, 2, 10, 8, generator=g)
+    got = attention_statistics(q, k, scale=0.7)
+    assert got == pytest.approx(direct_statistics(q, k, 0.7), rel=1e-5)
+
+
+def test_uniform_attention_and_identical_images_give_the_reference_values():
+    g = torch.Generator().manual_seed(1)
+    q = torch.randn(4, 2, 6, 8, generator=g)
+    entropy, other = attention_statistics(q, torch.zeros(4, 2, 6, 8), scale=1.0)  # all logits equal
+    assert entropy == pytest.approx(1.0, abs=1e-6) and other == pytest.approx(0.75, abs=1e-6)
+    same = torch.randn(1, 2, 6, 8, generator=g).expand(4, -1, -1, -1)  # identical images: equal shares
+    entropy, other = attention_statistics(same, same, scale=3.0)
+    assert entropy < 0.99 and other == pytest.approx(0.75, abs=1e-6)
+
+
+def test_queries_that_match_only_their_own_image_keep_their_attention_there():
+    tokens = 10 * torch.eye(4)  # 4 tokens, each query matching exactly one key
+    q = torch.stack([tokens, -tokens])[:, None]  # (2 images, 1 head, 4, 4); image 1 is image 0 negated
+    entropy, other = attention_statistics(q, q.clone(), scale=1.0)
+    assert other < 1e-6  # the other image's keys all score -100 or 0 against 100 for the own match
+    assert entropy < 0.01  # each query picks one own token
+
+
+@pytest.fixture(scope="module")
+def tiny_model():
+    torch.manual_seed(0)
+    return randomize_(instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)).eval()
+
+
+def test_recorder_sees_every_group_at_every_step_and_leaves_no_hooks(tiny_model):
+    unet = tiny_model.model.diffusion_model
+    shape = (tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
+    with AttentionRecorder(tiny_model, set_size=2) as recorder:
+        generate_latents(tiny_model, DDIMSampler(tiny_model), ["a chair"] * 2, [0, 1], shape=shape, steps=3, scale=3.0)
+    layers_per_tag = {}
+    for _, layer in tagged_layers(unet):
+        layers_per_tag[layer.tag] = layers_per_tag.get(layer.tag, 0) + 1
+    summary = recorder.summary()
+    assert {tag: row["calls"] for tag, row in summary.items()} == {t: 3 * n for t, n in layers_per_tag.items()}
+    entropies = [row["entropy"] for row in summary.values() if not math.isnan(row["entropy"])]  # NaN: 1 token
+    assert entropies and all(0.0 < e <= 1.0 for e in entropies)
+    for row in summary.values():
+        assert 0.0 <= row["other_mass"] <= 1.0
+        assert row["uniform_other_mass"] == 0.5
+    assert all(not layer._forward_pre_hooks for _, layer in tagged_layers(unet))
+
+
+def load_script():
+    spec = importlib.util.spec_from_file_location("attention_stats_script", ROOT / "scripts" / "attention_stats.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_script_reports_every_group_of_a_tiny_checkpoint(tiny_model, tmp_path, capsys):
+    ckpt = tmp_path / "tiny.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(ckpt))
+    summary = load_script().main(["--config", str(TINY_CONFIG), "--ckpt", str(ckpt), "--steps", "2",
+                                  "--n_samples", "2", "--device", "cpu"])
+    tags = list(dict.fromkeys(layer.tag for _, layer in tagged_layers(tiny_model.model.diffusion_model)))
+    assert list(summary) == tags
+    printed = capsys.readouterr().out
+    assert all(f"| `{tag}` |" in printed for tag in tags)
+
+
+def test_script_refuses_a_set_of_one():
+    with pytest.raises(UsageError, match="--n_samples must be at least 2"):
+        load_script().parse_args(["--demo", "--n_samples", "1"])
