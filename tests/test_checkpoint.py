@@ -325,7 +325,10 @@ def test_loaded_model_computes_what_the_naive_path_computes_and_can_train(tmp_pa
         expected = reference.apply_model(x, t, context)
 
     out = model.apply_model(x, t, context)
-    assert torch.equal(out, expected)
+    # Same weights (bit for bit, see the test above), but a safetensors file maps them at 8-byte rather than
+    # 64-byte aligned addresses, and on some CPUs (measured on an AMD EPYC) the vectorised kernels then
+    # round differently: about 2e-6 on outputs of size 2. Wrong or missing weights differ by O(1).
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
     out.square().mean().backward()
     weight = model.model.diffusion_model.input_blocks[0][0].weight
     assert weight.grad is not None and weight.grad.abs().sum() > 0
