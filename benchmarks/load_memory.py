@@ -1,7 +1,7 @@
 """Peak memory of loading a full-size SD v1 checkpoint: `load_model_from_config` against the naive way.
 
 Writes an SD v1 checkpoint of random weights, with every key and shape of the reference list
-(../shared/reference/sd-v1-checkpoint-keys.tsv, plus model_ema.decay/num_updates as in sd-v1-4.ckpt), fp32
+(tests/data/sd-v1-checkpoint-keys.tsv, plus model_ema.decay/num_updates as in sd-v1-4.ckpt), fp32
 (~4.3 GB) or with --fp16 (~2.1 GB), as a Lightning `.ckpt` and as `.safetensors` in a temporary directory.
 Then, each in a fresh Python process, it measures peak RSS (getrusage ru_maxrss) of
 - `ldm.checkpoint.load_model_from_config(configs/stable-diffusion/v1-inference.yaml, file)`, for both files;
@@ -30,7 +30,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # run as a script from anywhere: `ldm` lives at the repository root
 
-REFERENCE_KEYS = ROOT.parent / "shared" / "reference" / "sd-v1-checkpoint-keys.tsv"
+REFERENCE_KEYS = ROOT / "tests" / "data" / "sd-v1-checkpoint-keys.tsv"
 SD_CONFIG = ROOT / "configs" / "stable-diffusion" / "v1-inference.yaml"
 GB = 1e9
 

@@ -4,15 +4,14 @@ from __future__ import annotations
 import math
 import sys
 import types
-from pathlib import Path
 
 import pytest
 import torch
 
 from ldm.models.autoencoder import AutoencoderKL
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
+from tests.conftest import REFERENCE_KEYS
 
-REFERENCE_KEYS = Path("/work/shared/reference/sd-v1-checkpoint-keys.tsv")
 PREFIX = "first_stage_model."
 
 SD_V1_DDCONFIG = dict(double_z=True, z_channels=4, resolution=256, in_channels=3, out_ch=3, ch=128,

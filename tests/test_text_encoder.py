@@ -21,9 +21,9 @@ from ldm.modules.encoders import tokenizer as tokenizer_module
 from ldm.modules.encoders.clip_text import CLIPTextConfig, CLIPTextModel
 from ldm.modules.encoders.modules import FrozenCLIPEmbedder
 from ldm.modules.encoders.tokenizer import CLIPTokenizer
+from tests.conftest import REFERENCE_KEYS
 
 BOS, EOS = 49406, 49407
-REFERENCE_KEYS = Path("/work/shared/reference/sd-v1-checkpoint-keys.tsv")
 TINY_TEXT_CONFIG = dict(hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4)
 PROMPTS = [
     "a photo of a cat",
