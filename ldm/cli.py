@@ -130,6 +130,18 @@ def apply_model_defaults(opt: argparse.Namespace, sd_defaults: Optional[dict[str
             setattr(opt, name, value)
 
 
+def choose_evaluated_model(opt: argparse.Namespace) -> None:
+    """For the measuring scripts: the demo model unless --config or --ckpt names another; fills
+    opt.demo, opt.config, opt.ckpt and unset opt.steps / opt.scale from that model's defaults."""
+    if opt.demo and (opt.config or opt.ckpt):
+        raise UsageError("--demo uses the shipped demo model; drop --demo to give --config and --ckpt")
+    opt.demo = opt.demo or not (opt.config or opt.ckpt)
+    defaults = DEMO_DEFAULTS if opt.demo else SD_DEFAULTS
+    opt.config, opt.ckpt = opt.config or defaults["config"], opt.ckpt or defaults["ckpt"]
+    opt.steps = opt.steps if opt.steps is not None else defaults["ddim_steps"]
+    opt.scale = opt.scale if opt.scale is not None else defaults["scale"]
+
+
 def resolve_path(path: str) -> Path:
     """Relative paths are tried from the working directory, then from the repository root."""
     candidate = Path(path)

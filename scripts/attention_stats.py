@@ -23,7 +23,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import DEMO_DEFAULTS, SD_DEFAULTS, UsageError, check_checkpoint, run_cli  # noqa: E402
+from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, run_cli  # noqa: E402
 from ldm.eval.attention_stats import AttentionRecorder  # noqa: E402
 from ldm.generation import choose_device, generate_latents  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
@@ -42,13 +42,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     opt = parser.parse_args(argv)
-    if opt.demo and (opt.config or opt.ckpt):
-        raise UsageError("--demo uses the shipped demo model; drop --demo to give --config and --ckpt")
-    opt.demo = opt.demo or not (opt.config or opt.ckpt)
-    defaults = DEMO_DEFAULTS if opt.demo else SD_DEFAULTS
-    opt.config, opt.ckpt = opt.config or defaults["config"], opt.ckpt or defaults["ckpt"]
-    opt.steps = opt.steps if opt.steps is not None else defaults["ddim_steps"]
-    opt.scale = opt.scale if opt.scale is not None else defaults["scale"]
+    choose_evaluated_model(opt)
     if opt.n_samples < 2:
         raise UsageError(f"--n_samples must be at least 2 (sharing needs other images), got {opt.n_samples}")
     if not 1 <= opt.steps <= 1000:

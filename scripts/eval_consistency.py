@@ -25,7 +25,7 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import (DEMO_DEFAULTS, SD_DEFAULTS, UsageError, check_checkpoint, resolve_path, run_cli,  # noqa: E402
+from ldm.cli import (UsageError, check_checkpoint, choose_evaluated_model, resolve_path, run_cli,  # noqa: E402
                      unet_without_weights)
 from ldm.eval.configurations import CONFIGURATION_SYNTAX, resolve_configurations  # noqa: E402
 from ldm.eval.consistency import DEFAULT_PROMPTS, EvalRequest, check_output_folder, evaluate  # noqa: E402
@@ -62,13 +62,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     measure.add_argument("--classifier", type=str, default=None, help="attribute classifier (default: the shipped one)")
     parser.add_argument("--outdir", type=str, default=None, help="new or empty folder for the results")
     opt = parser.parse_args(argv)
-    if opt.demo and (opt.config or opt.ckpt):
-        raise UsageError("--demo uses the shipped demo model; drop --demo to give --config and --ckpt")
-    opt.demo = opt.demo or not (opt.config or opt.ckpt)
-    defaults = DEMO_DEFAULTS if opt.demo else SD_DEFAULTS
-    opt.config, opt.ckpt = opt.config or defaults["config"], opt.ckpt or defaults["ckpt"]
-    opt.steps = opt.steps if opt.steps is not None else defaults["ddim_steps"]
-    opt.scale = opt.scale if opt.scale is not None else defaults["scale"]
+    choose_evaluated_model(opt)
     return opt
 
 

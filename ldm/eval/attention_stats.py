@@ -33,12 +33,12 @@ QUERY_CHUNK = 1024
 def attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[float, float]:
     """(mean normalised own-image entropy, mean share on other images) for q, k of shape (B, heads, N, d)."""
     batch, _, tokens, _ = q.shape
-    pooled = torch.cat(k.unbind(0), dim=1)  # (heads, B*N, d): the keys sharing "all" would offer
+    pooled = torch.cat(k.unbind(0), dim=1).float().transpose(1, 2)  # (heads, d, B*N): the keys sharing "all" offers
     entropy_sum, other_sum, count = 0.0, 0.0, 0
     for i in range(batch):
         for start in range(0, tokens, QUERY_CHUNK):
             queries = q[i, :, start:start + QUERY_CHUNK].float()  # (heads, n, d)
-            logits = queries @ pooled.float().transpose(1, 2) * scale  # (heads, n, B*N)
+            logits = queries @ pooled * scale  # (heads, n, B*N)
             own = logits[..., i * tokens:(i + 1) * tokens].softmax(dim=-1)
             if tokens > 1:
                 entropy = -(own * own.clamp_min(1e-30).log()).sum(dim=-1) / math.log(tokens)
