@@ -197,13 +197,25 @@ def load_init_image(path: str | os.PathLike, multiple: int) -> torch.Tensor:
     return array.permute(2, 0, 1)[None].contiguous()  # (1, 3, H, W)
 
 
+LABEL_FONT_SIZE = 13
+
+
+def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
+    """Pillow's built-in font at a readable size. At its default 10 px a space is 2 px wide and
+    "no sharing" reads "nosharing"; Pillow before 10.1 (no size argument) keeps its bitmap font."""
+    try:
+        return ImageFont.load_default(size=LABEL_FONT_SIZE)
+    except TypeError:
+        return ImageFont.load_default()
+
+
 def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Optional[Sequence[str]] = None) -> Image.Image:
     """One picture of `rows` of images (rows may differ in length), with a label strip left of each row."""
     if not rows or not any(rows):
         raise ValueError("no images to put in a grid")
     w, h = next(image for row in rows for image in row).size
     n_cols = max(len(row) for row in rows)
-    font = ImageFont.load_default()
+    font = label_font()
     label_width = 0
     if row_labels:
         measure = ImageDraw.Draw(Image.new("RGB", (1, 1)))
@@ -214,7 +226,8 @@ def image_grid(rows: Sequence[Sequence[Image.Image]], row_labels: Optional[Seque
         for c, image in enumerate(row):
             grid.paste(image, (label_width + c * w, r * h))
         if row_labels:
-            draw.text((4, r * h + h // 2 - 5), row_labels[r], fill="black", font=font)
+            top, bottom = font.getbbox(row_labels[r])[1::2]
+            draw.text((4, r * h + (h - top - bottom) // 2), row_labels[r], fill="black", font=font)  # centred
     return grid
 
 

@@ -383,3 +383,16 @@ def test_img2img_strength_0_returns_the_init_latent(tiny_model):
     out = img2img_latents(tiny_model, make_sampler("ddim", tiny_model), init, ["a chair"] * 2, [7, 8],
                           steps=2, strength=0.0, scale=5.0)
     torch.testing.assert_close(out, init.expand(2, -1, -1, -1))
+
+
+def test_grid_labels_sit_in_the_middle_of_their_own_row():
+    from ldm.generation import image_grid
+    tile = Image.new("RGB", (40, 40), "gray")
+    grid = np.asarray(image_grid([[tile, tile], [tile]], ["off (no sharing)", "all"]).convert("L"))
+    strip = grid[:, : grid.shape[1] - 2 * 40]  # the label strip left of the images
+    assert strip.shape[1] > 0
+    for row in range(2):
+        ink = np.nonzero((strip[row * 40:(row + 1) * 40] < 128).any(axis=1))[0]  # rows of dark pixels
+        assert ink.size, f"row {row} has no label"
+        assert ink.min() > 0 and ink.max() < 39, "the label must not touch the row's edges"
+        assert abs((ink.min() + ink.max()) / 2 - 19.5) <= 3
