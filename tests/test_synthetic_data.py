@@ -224,3 +224,52 @@ def test_items_match_their_attributes_and_collate():
     assert len(batch["txt"]) == 4 and all(isinstance(t, str) for t in batch["txt"])
     assert batch["attributes"]["cls"] == [data[i]["attributes"]["cls"] for i in range(4)]
     assert batch["attributes"]["x"].shape == (4,)
+
+
+# ---------------------------------------------------------------------------------------------------
+# Pair images: two instances of one object
+# ---------------------------------------------------------------------------------------------------
+def test_pair_captions():
+    a = attrs(colour="red", pattern="striped")
+    assert caption(a, set(), count=2) == "two chairs"
+    assert caption(a, {"colour", "pattern"}, count=2) == "two red striped chairs"
+    assert parse_prompt(caption(attrs(cls="vase"), {"colour"}, count=2)) == {"cls": "vase", "colour": "red",
+                                                                              "pattern": None}
+    with pytest.raises(ValueError, match="one or two"):
+        caption(a, set(), count=3)
+
+
+def test_pairs_leave_the_single_object_items_unchanged():
+    plain, mixed = SyntheticObjects(40, seed=4), SyntheticObjects(40, seed=4, pair_fraction=0.5)
+    singles = [i for i in range(40) if not mixed.is_pair(i)]
+    assert 5 < len(singles) < 35
+    for i in singles:
+        assert torch.equal(mixed[i]["image"], plain[i]["image"]) and mixed[i]["txt"] == plain[i]["txt"]
+        assert mixed[i]["count"] == 1
+
+
+def test_pair_items_show_two_matching_objects_one_in_each_half():
+    data = SyntheticObjects(60, seed=6, pair_fraction=1.0)
+    for i in range(0, 60, 6):
+        item = data[i]
+        assert item["count"] == 2 and item["txt"].startswith("two ")
+        image = np.rint((item["image"].numpy() + 1) * 127.5).astype(np.uint8)
+        mask = object_mask(image)
+        left, right = mask[:, :32], mask[:, 32:]
+        assert left.sum() > 20 and right.sum() > 20, f"item {i}: expected an object in each half"
+        for half in (image[:, :32], image[:, 32:]):
+            # The most saturated pixels of each half are the object's own colour (outline and pattern
+            # tint are darker or paler): the nearest named colour must be the item's.
+            pixels = half.reshape(-1, 3).astype(float)
+            saturation = pixels.max(axis=1) - pixels.min(axis=1)
+            mean = pixels[saturation >= 0.9 * saturation.max()].mean(axis=0)
+            nearest = min(COLOURS, key=lambda name: np.abs(np.array(COLOURS[name]) - mean).sum())
+            assert nearest == item["attributes"]["colour"], f"item {i}: {mean}"
+
+
+def test_pair_fraction_is_respected_and_checked():
+    data = SyntheticObjects(2000, seed=1, pair_fraction=0.3)
+    share = sum(data.is_pair(i) for i in range(2000)) / 2000
+    assert abs(share - 0.3) < 0.04
+    with pytest.raises(ValueError, match="pair_fraction"):
+        SyntheticObjects(4, pair_fraction=1.5)

@@ -23,7 +23,7 @@ from __future__ import annotations
 import re
 from dataclasses import asdict, dataclass, fields, replace
 from functools import lru_cache
-from typing import Any, Mapping, NamedTuple, Optional
+from typing import Any, Mapping, NamedTuple, Optional, Sequence
 
 import numpy as np
 import torch
@@ -200,6 +200,29 @@ def sample_attributes(rng: np.random.Generator, **fixed: Any) -> Attributes:
     return replace(centred, x=float(fixed.get("x", unit_x * limit_x)), y=float(fixed.get("y", unit_y * limit_y)))
 
 
+# Pair images (`SyntheticObjects(pair_fraction=...)`): two instances of one object, the same class,
+# colour and pattern, each with its own size, facing and place, one in each half of the image, drawn at
+# this fraction of the usual size so both fit.
+PAIR_SCALE = 0.55
+
+
+def sample_pair(rng: np.random.Generator) -> tuple[Attributes, Attributes]:
+    """Two instances of one object (same class, colour, pattern) for the left and right half of an image
+    drawn with `render_scene(pair, scale=PAIR_SCALE)`; size, facing and position are drawn per instance."""
+    first = sample_attributes(rng)
+    second = sample_attributes(rng, cls=first.cls, colour=first.colour, pattern=first.pattern)
+    placed = []
+    for attrs, side in ((first, -1.0), (second, 1.0)):
+        half_w, half_h = SHAPE_EXTENTS[attrs.cls]
+        extent = attrs.scale * PAIR_SCALE * OBJECT_FRACTION
+        inner, outer = half_w * extent + 0.01, 0.5 - half_w * extent - MARGIN_X  # |x| range within the half
+        limit_y = 0.5 - half_h * extent - MARGIN_Y
+        x = side * rng.uniform(inner, outer)
+        y = rng.uniform(-limit_y, limit_y)
+        placed.append(replace(attrs, x=float(x), y=float(y)))
+    return placed[0], placed[1]
+
+
 def _draw_primitives(draw: ImageDraw.ImageDraw, primitives: tuple[Primitive, ...], centre: tuple[float, float],
                      side: float, mirror: bool) -> None:
     """Draw shape primitives given in object units (longest side 1, facing right) onto a mask."""
@@ -261,8 +284,21 @@ def _texture(pattern: str, colour: str, size: int) -> np.ndarray:
 
 def render(attrs: Attributes, size: int = 64) -> np.ndarray:
     """Draw the object `attrs` describes; returns uint8 (size, size, 3)."""
+    return render_scene([attrs], size)
+
+
+def render_scene(objects: Sequence[Attributes], size: int = 64, scale: float = 1.0) -> np.ndarray:
+    """Draw several objects, in order, on one background, each `scale` times its usual size; uint8 (size, size, 3)."""
+    image = np.broadcast_to(BACKGROUND, (size, size, 3)).copy()
+    for attrs in objects:
+        image = _draw_object(image, attrs, size, scale)
+    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+
+
+def _draw_object(image: np.ndarray, attrs: Attributes, size: int, scale: float) -> np.ndarray:
+    """Composite one object (shadow, outline, patterned fill) over a float32 image (size, size, 3)."""
     big = size * SUPERSAMPLE
-    side = attrs.scale * OBJECT_FRACTION * big
+    side = attrs.scale * scale * OBJECT_FRACTION * big
     centre = ((0.5 + attrs.x) * big, (0.5 + attrs.y) * big)
     half_w, half_h = SHAPE_EXTENTS[attrs.cls]
 
@@ -284,16 +320,16 @@ def render(attrs: Attributes, size: int = 64) -> np.ndarray:
         ImageFilter.MaxFilter(grow)), dtype=np.float32)[..., None] / 255.0
     dark = 0.45 * np.array(COLOURS[attrs.colour], dtype=np.float32)
 
-    image = BACKGROUND * (1 - shadow) + SHADOW * shadow
+    image = image * (1 - shadow) + SHADOW * shadow
     image = image * (1 - outline) + dark * outline
-    image = image * (1 - alpha) + _texture(attrs.pattern, attrs.colour, size) * alpha
-    return np.clip(np.rint(image), 0, 255).astype(np.uint8)
+    return image * (1 - alpha) + _texture(attrs.pattern, attrs.colour, size) * alpha
 
 
-def caption(attrs: Attributes, mention: set[str] | frozenset[str] | tuple[str, ...] = ()) -> str:
+def caption(attrs: Attributes, mention: set[str] | frozenset[str] | tuple[str, ...] = (), count: int = 1) -> str:
     """Caption naming the class and the attributes in `mention` (a subset of MENTIONABLE).
 
-    "a chair", "a red chair", "a striped chair", "a red striped chair", "a plain red chair".
+    "a chair", "a red chair", "a striped chair", "a red striped chair", "a plain red chair"; with
+    `count=2`: "two chairs", "two red striped chairs".
     """
     extra = set(mention) - set(MENTIONABLE)
     if extra:
@@ -307,8 +343,10 @@ def caption(attrs: Attributes, mention: set[str] | frozenset[str] | tuple[str, .
             words.insert(0, PATTERN_WORDS[attrs.pattern])
         else:
             words.append(PATTERN_WORDS[attrs.pattern])
-    words.append(attrs.cls)
-    article = "an" if words[0][0] in "aeiou" else "a"
+    if count not in (1, 2):
+        raise ValueError(f"captions describe one or two objects, got count={count}")
+    words.append(attrs.cls if count == 1 else attrs.cls + "s")
+    article = "two" if count == 2 else "an" if words[0][0] in "aeiou" else "a"
     return " ".join([article, *words])
 
 
@@ -350,9 +388,12 @@ class SyntheticObjects(Dataset):
     """
 
     def __init__(self, length: int, seed: int = 0, size: int = 64,
-                 mention_probs: Optional[Mapping[tuple[str, ...], float]] = None) -> None:
+                 mention_probs: Optional[Mapping[tuple[str, ...], float]] = None, pair_fraction: float = 0.0) -> None:
         if length < 0:
             raise ValueError(f"length must be non-negative, got {length}")
+        if not 0.0 <= pair_fraction <= 1.0:
+            raise ValueError(f"pair_fraction must be between 0 and 1, got {pair_fraction}")
+        self.pair_fraction = float(pair_fraction)
         self.length = length
         self.seed = seed
         self.size = size
@@ -373,7 +414,20 @@ class SyntheticObjects(Dataset):
         mention = self._mentions[rng.choice(len(self._mentions), p=self._probs)]
         return attrs, mention
 
+    def is_pair(self, index: int) -> bool:
+        """Whether item `index` shows two instances of its object. Drawn from its own random stream, so
+        with pair_fraction 0 every item is exactly what it was before pairs existed."""
+        return self.pair_fraction > 0 and np.random.default_rng([self.seed, index, 1]).random() < self.pair_fraction
+
     def __getitem__(self, index: int) -> dict[str, Any]:
         attrs, mention = self.attributes(index)
-        pixels = torch.from_numpy(render(attrs, self.size)).float()  # (H, W, 3) in [0, 255]
-        return {"image": pixels / 127.5 - 1.0, "txt": caption(attrs, set(mention)), "attributes": attrs.to_dict()}
+        if self.is_pair(index):
+            first, second = sample_pair(np.random.default_rng([self.seed, index, 2]))
+            first = replace(first, cls=attrs.cls, colour=attrs.colour, pattern=attrs.pattern)
+            second = replace(second, cls=attrs.cls, colour=attrs.colour, pattern=attrs.pattern)
+            pixels, count = render_scene([first, second], self.size, scale=PAIR_SCALE), 2
+        else:
+            pixels, count = render(attrs, self.size), 1
+        image = torch.from_numpy(pixels).float() / 127.5 - 1.0  # (H, W, 3) in [-1, 1]
+        return {"image": image, "txt": caption(attrs, set(mention), count=count), "attributes": attrs.to_dict(),
+                "count": count}
