@@ -7,7 +7,8 @@
 Generates one set of --n_samples images without sharing (DDIM, image k from seed --seed + k) and
 records, in every self-attention layer at every step, how uniform each query's attention over its own
 image is (normalised entropy, 1 = uniform) and how much of it would go to the other images if their
-keys were pooled as sharing "all" does ((B-1)/B = cannot tell images apart). Sharing can only make a
+keys were pooled as sharing "all" does ((B-1)/B = cannot tell images apart), and how similar the
+layer's outputs are between images (near 1: sharing has little to exchange). Sharing can only make a
 subject consistent where attention is selective; see ldm/eval/attention_stats.py.
 """
 from __future__ import annotations
@@ -70,11 +71,12 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     uniform = (opt.n_samples - 1) / opt.n_samples
     print(f"Self-attention of {ckpt_path.name}, {opt.prompt!r}, {opt.n_samples} images (seeds {seeds[0]}-{seeds[-1]}), "
           f"DDIM {opt.steps} steps, scale {opt.scale}; mean over layers, steps, heads and queries.")
-    print(f"| group | calls | own-image entropy (1 = uniform) | share on other images (uniform {uniform:.2f}) |")
-    print("|---|---|---|---|")
+    print(f"| group | calls | own-image entropy (1 = uniform) | share on other images (uniform {uniform:.2f}) "
+          "| output similarity between images |")
+    print("|---|---|---|---|---|")
     for tag, row in summary.items():
         entropy = "-" if math.isnan(row["entropy"]) else f"{row['entropy']:.3f}"  # "-": a single token
-        print(f"| `{tag}` | {row['calls']} | {entropy} | {row['other_mass']:.3f} |")
+        print(f"| `{tag}` | {row['calls']} | {entropy} | {row['other_mass']:.3f} | {row['output_similarity']:.3f} |")
     return summary
 
 

@@ -10,7 +10,7 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.eval import attention_stats
-from ldm.eval.attention_stats import AttentionRecorder, attention_statistics
+from ldm.eval.attention_stats import AttentionRecorder, attention_statistics, output_similarity
 from ldm.generation import UsageError, generate_latents
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.shared_attention import tagged_layers
@@ -58,6 +58,28 @@ def test_queries_that_match_only_their_own_image_keep_their_attention_there():
     assert entropy < 0.01  # each query picks one own token
 
 
+def test_output_similarity_is_the_mean_cosine_between_different_images_at_the_same_token():
+    g = torch.Generator().manual_seed(2)
+    out = torch.randn(3, 5, 4, generator=g)
+    pairs = [torch.nn.functional.cosine_similarity(out[i], out[j], dim=-1).mean()
+             for i in range(3) for j in range(3) if i != j]
+    assert output_similarity(out) == pytest.approx(torch.stack(pairs).mean().item(), rel=1e-5)
+    assert output_similarity(out[:1].expand(3, -1, -1)) == pytest.approx(1.0, abs=1e-6)  # identical images
+    assert output_similarity(torch.stack([out[0], -out[0]])) == pytest.approx(-1.0, abs=1e-6)
+
+
+def test_uniform_attention_over_a_shared_background_gives_nearly_the_same_output_in_every_image():
+    """The demo model's case: attention that averages its image outputs the mean value, and when most
+    tokens (the background) are the same in every image, that mean is nearly the same too."""
+    g = torch.Generator().manual_seed(3)
+    layer = torch.nn.Linear(8, 8)
+    background = torch.randn(1, 8, generator=g).expand(90, -1)
+    images = torch.stack([torch.cat([background, torch.randn(10, 8, generator=g)]) for _ in range(4)])  # (4, 100, 8)
+    uniform_out = layer(images.mean(dim=1, keepdim=True).expand(-1, 100, -1))  # attention with equal weights
+    own_token_out = layer(images)  # attention that picks each query's own token
+    assert output_similarity(uniform_out) > 0.95 > output_similarity(own_token_out)
+
+
 @pytest.fixture(scope="module")
 def tiny_model():
     torch.manual_seed(0)
@@ -79,7 +101,8 @@ def test_recorder_sees_every_group_at_every_step_and_leaves_no_hooks(tiny_model)
     for row in summary.values():
         assert 0.0 <= row["other_mass"] <= 1.0
         assert row["uniform_other_mass"] == 0.5
-    assert all(not layer._forward_pre_hooks for _, layer in tagged_layers(unet))
+        assert -1.0 <= row["output_similarity"] <= 1.0
+    assert all(not layer._forward_pre_hooks and not layer._forward_hooks for _, layer in tagged_layers(unet))
 
 
 def load_script():

@@ -12,6 +12,10 @@ self-attention layer (`attn1`), with sharing off:
 - `other_mass`: if the keys of all images of the set were pooled (sharing "all", strength 0), the share
   of a query's attention that would go to the other images. A query that prefers its own image gives
   less than `(B - 1) / B`, the value of attention that cannot tell images apart.
+- `output_similarity`: the mean cosine similarity, between every two images of the set, of the layer's
+  output at the same token. Sharing only changes which images' values a query mixes; if every image's
+  output is nearly the same (near 1, as when uniform attention averages a background all images share),
+  reading other images' keys and values cannot change much, whatever the strength or anchor.
 
 With classifier-free guidance the batch is [unconditional; conditional]; only the conditional images
 (the last `set_size` of the batch) are measured. Queries are processed in chunks, so no
@@ -28,6 +32,14 @@ from torch import nn
 from ldm.modules.shared_attention import find_unet, tagged_layers
 
 QUERY_CHUNK = 1024
+
+
+def output_similarity(out: torch.Tensor) -> float:
+    """Mean cosine similarity between the outputs of two different images at the same token; out (B, N, C)."""
+    batch = out.shape[0]
+    unit = torch.nn.functional.normalize(out.float(), dim=-1)
+    pairs = torch.einsum("inc,jnc->ij", unit, unit) / out.shape[1]  # (B, B): mean over tokens
+    return ((pairs.sum() - pairs.diagonal().sum()) / (batch * (batch - 1))).item()
 
 
 def attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float) -> tuple[float, float]:
@@ -57,6 +69,7 @@ class AttentionRecorder:
         self.unet = find_unet(model)
         self.set_size = set_size
         self.values: dict[str, list[tuple[float, float]]] = defaultdict(list)
+        self.similarities: dict[str, list[float]] = defaultdict(list)
         self._handles: list = []
 
     def _hook(self, tag: str):
@@ -68,9 +81,15 @@ class AttentionRecorder:
             self.values[tag].append(attention_statistics(q, k, layer.scale))
         return record
 
+    def _output_hook(self, tag: str):
+        def record(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
+            self.similarities[tag].append(output_similarity(out[-self.set_size:]))  # (B, N, C)
+        return record
+
     def __enter__(self) -> "AttentionRecorder":
-        self._handles = [layer.register_forward_pre_hook(self._hook(layer.tag))
-                         for _, layer in tagged_layers(self.unet)]
+        for _, layer in tagged_layers(self.unet):
+            self._handles.append(layer.register_forward_pre_hook(self._hook(layer.tag)))
+            self._handles.append(layer.register_forward_hook(self._output_hook(layer.tag)))
         return self
 
     def __exit__(self, *exc) -> None:
@@ -79,11 +98,12 @@ class AttentionRecorder:
         self._handles = []
 
     def summary(self) -> dict[str, dict[str, float]]:
-        """group tag (e.g. "up.32") -> {"calls", "entropy", "other_mass", "uniform_other_mass"}, averaged over
-        the group's layers and every call, in the UNet's order."""
+        """group tag (e.g. "up.32") -> {"calls", "entropy", "other_mass", "uniform_other_mass",
+        "output_similarity"}, averaged over the group's layers and every call, in the UNet's order."""
         uniform = (self.set_size - 1) / self.set_size
         out = {}
         for tag, values in self.values.items():
             out[tag] = {"calls": len(values), "entropy": sum(v[0] for v in values) / len(values),
-                        "other_mass": sum(v[1] for v in values) / len(values), "uniform_other_mass": uniform}
+                        "other_mass": sum(v[1] for v in values) / len(values), "uniform_other_mass": uniform,
+                        "output_similarity": sum(self.similarities[tag]) / len(self.similarities[tag])}
         return out
