@@ -36,3 +36,9 @@ def test_pairs_probe_trains_on_half_pair_images_for_3000_steps():
     data = instantiate_from_config({"target": config.data.target, "params": {**config.data.params, "length": 400}})
     share = sum(data.is_pair(i) for i in range(400)) / 400
     assert abs(share - 0.5) < 0.08 and config.trainer.max_steps == 3000
+
+
+def test_longer_probe_continues_from_the_shipped_weights():
+    config = merged("demo-inference.yaml", "demo-train.yaml", "experiments/longer.yaml")
+    assert (ROOT / config.model.params.ckpt_path).is_file()  # paths in the demo configs are from the repo root
+    assert config.trainer.max_steps == 3000 and config.trainer.seed != merged("demo-train.yaml").trainer.seed
