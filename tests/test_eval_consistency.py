@@ -229,11 +229,45 @@ def test_outputs_are_written_and_well_formed(single_run):
     assert [c["name"] for c in summary["configurations"]] == ["off", "all"]
     mean = np.mean([float(r["agreement"]) for r in results if r["configuration"] == "all"])
     assert summary["summary"]["all"]["agreement"]["mean"] == pytest.approx(mean, abs=1e-6)
-    table = [line for line in (single_run / "results.md").read_text().splitlines() if line.startswith("| `")]
+    main_table = (single_run / "results.md").read_text().split("Change from `off`")[0]
+    table = [line for line in main_table.splitlines() if line.startswith("| `")]
     assert [line.split("`")[1] for line in table] == ["off", "all"] and "±" in table[0]
     for name in ("grid-00-off.png", "grid-01-all.png"):
         with Image.open(single_run / name) as grid:
             assert grid.height == len(PROMPTS) * 64 and grid.width > 2 * 64  # rows = sets, label strip
+
+
+def test_change_from_off_is_paired_by_seed():
+    from ldm.eval.report import changes_from_off
+    nan = math.nan
+    row = lambda name, seed, agreement, acc: {"configuration": name, "seed": seed, "agreement": agreement,  # noqa: E731
+                                              "feature_sim": 0.5, "acc_cls": acc, "acc_specified": nan,
+                                              "text_image": nan}
+    # Seed 1 gives alike images in both configurations: the unpaired spreads overlap, the change does not.
+    rows = [row("off", 0, 0.2, 1.0), row("off", 1, 0.6, 1.0), row("off", 2, 0.3, 1.0),
+            row("all", 2, 0.4, 0.5), row("all", 0, 0.3, 1.0), row("all", 1, 0.8, 1.0)]
+    changes = changes_from_off(rows, [Configuration("off", None), parse_configuration("all")])
+    assert list(changes) == ["all"]
+    agreement = changes["all"]["agreement"]
+    assert agreement["mean"] == pytest.approx(np.mean([0.1, 0.2, 0.1]))
+    assert agreement["std"] == pytest.approx(np.std([0.1, 0.2, 0.1], ddof=1))
+    assert (agreement["min"], agreement["max"], agreement["n_seeds"]) == (pytest.approx(0.1), pytest.approx(0.2), 3)
+    assert changes["all"]["acc_cls"]["min"] == pytest.approx(-0.5)
+    assert changes["all"]["feature_sim"]["max"] == 0.0 and math.isnan(changes["all"]["acc_specified"]["mean"])
+    assert changes_from_off([r for r in rows if r["configuration"] == "all"], [parse_configuration("all")]) == {}
+
+
+def test_report_gives_the_change_from_off_of_the_seed_rows(single_run):
+    results = read_csv(single_run / "results.csv")
+    value = {(r["configuration"], r["seed"]): float(r["agreement"]) for r in results}
+    differences = [value[("all", seed)] - value[("off", seed)] for seed in ("0", "1")]
+    summary = json.loads((single_run / "summary.json").read_text())
+    change = summary["change_from_off"]["all"]["agreement"]
+    assert change["mean"] == pytest.approx(np.mean(differences), abs=1e-5)
+    assert change["min"] == pytest.approx(min(differences), abs=1e-5) and list(summary["change_from_off"]) == ["all"]
+    table = (single_run / "results.md").read_text().split("Change from `off`")[1]
+    row = next(line for line in table.splitlines() if line.startswith("| `all`"))
+    assert row.split(" | ")[1].startswith(f"{np.mean(differences):+.3f} ± ")
 
 
 def test_identical_arguments_give_identical_numbers(single_run, tiny_model, run_args, tmp_path):

@@ -1,7 +1,8 @@
 """Aggregation and report of the consistency evaluation.
 
 Per (configuration, seed) each metric is averaged over the prompt sets; per configuration the report
-gives mean and sample std (ddof 1) over seeds. Writes results.md, results.csv, sets.csv, timing.csv,
+gives mean and sample std (ddof 1) over seeds, and, when 'off' was run, each configuration's change
+from 'off' paired by seed. Writes results.md, results.csv, sets.csv, timing.csv,
 summary.json and one labelled image grid per configuration, never overwriting a file. NaN (a value
 that does not apply) is an empty CSV cell, null in JSON and '–' in markdown.
 """
@@ -26,6 +27,8 @@ from ldm.generation import image_grid
 # The columns of results.md, in order (columns empty for every configuration are left out).
 REPORT_COLUMNS = ("agreement", "agree_colour", "agree_pattern", "feature_sim", "acc_cls", "acc_specified",
                   "text_image", "spread_x", "spread_y", "spread_size")
+# The metrics whose change from 'off' the report pairs by seed.
+PAIRED_COLUMNS = ("agreement", "feature_sim", "acc_cls", "acc_specified", "text_image")
 
 
 def per_seed(results: Sequence[SetResult], configurations: Sequence[Configuration],
@@ -59,6 +62,36 @@ def summarize(seed_rows: Sequence[Mapping[str, Any]], configurations: Sequence[C
     return summary
 
 
+def changes_from_off(seed_rows: Sequence[Mapping[str, Any]],
+                     configurations: Sequence[Configuration]) -> dict[str, dict]:
+    """configuration -> metric -> {"mean", "std", "min", "max", "n_seeds"} of (value - value of 'off')
+    taken seed by seed; empty when 'off' was not run.
+
+    Every configuration generates from the same seeds, and some seeds give alike (or unlike) images in
+    every configuration, so the spread over seeds of a configuration's own values is mostly the seeds'
+    doing. The per-seed difference from 'off' removes that shared part and leaves what sharing did."""
+    baseline = {r["seed"]: r for r in seed_rows if r["configuration"] == "off"}
+    if not baseline:
+        return {}
+    changes: dict[str, dict] = {}
+    for configuration in configurations:
+        if configuration.name == "off":
+            continue
+        rows = [r for r in seed_rows if r["configuration"] == configuration.name and r["seed"] in baseline]
+        changes[configuration.name] = {}
+        for metric in PAIRED_COLUMNS:
+            values = np.array([r[metric] - baseline[r["seed"]][metric] for r in rows], dtype=np.float64)
+            values = values[~np.isnan(values)]
+            changes[configuration.name][metric] = {
+                "mean": float(values.mean()) if len(values) else math.nan,
+                "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
+                "min": float(values.min()) if len(values) else math.nan,
+                "max": float(values.max()) if len(values) else math.nan,
+                "n_seeds": int(len(values)),
+            }
+    return changes
+
+
 def _cell(value: Any) -> str:
     if isinstance(value, float):
         return "" if math.isnan(value) else format(value, ".6g")
@@ -89,8 +122,32 @@ def _mean_std(entry: Mapping[str, Any], digits: int) -> str:
     return f"{mean:.{digits}f}" if math.isnan(std) else f"{mean:.{digits}f} ± {std:.{digits}f}"
 
 
+def _change(entry: Mapping[str, Any]) -> str:
+    if math.isnan(entry["mean"]):
+        return "–"
+    text = f"{entry['mean']:+.3f}" if math.isnan(entry["std"]) else f"{entry['mean']:+.3f} ± {entry['std']:.3f}"
+    return f"{text} ({entry['min']:+.3f} to {entry['max']:+.3f})" if entry["n_seeds"] > 1 else text
+
+
+def _changes_table(changes: Mapping[str, dict], configurations: Sequence[Configuration]) -> list[str]:
+    shown = [m for m in PAIRED_COLUMNS if any(not math.isnan(changes[name][m]["mean"]) for name in changes)]
+    if not changes or not shown:
+        return []
+    header = ["configuration", *(f"Δ {m}" for m in shown)]
+    lines = ["", "Change from `off`, seed by seed: mean ± std over seeds of (value − value of `off` with the same "
+             "seed), and in brackets the smallest and largest change over seeds. Every configuration starts "
+             "from the same noise, so this difference leaves out the part of the spread above that the seeds "
+             "themselves cause.", "",
+             "| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    for c in configurations:
+        if c.name in changes:
+            lines.append("| " + " | ".join([f"`{c.name}`", *(_change(changes[c.name][m]) for m in shown)]) + " |")
+    return lines
+
+
 def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Configuration],
-                    run_info: Mapping[str, Any], notes: Sequence[str]) -> str:
+                    run_info: Mapping[str, Any], notes: Sequence[str],
+                    changes: Mapping[str, dict] | None = None) -> str:
     shown = [m for m in REPORT_COLUMNS if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
     header = ["configuration", *shown, "s / image", "peak MB"]
     lines = [
@@ -105,7 +162,8 @@ def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Config
         cells = [f"`{c.name}`", *(_mean_std(summary[c.name][m], 3) for m in shown),
                  _mean_std(summary[c.name]["sec_per_image"], 3), _mean_std(summary[c.name]["peak_memory_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", "Mean ± std over seeds; a seed's value is the mean over its prompt sets.", ""]
+    lines += ["", "Mean ± std over seeds; a seed's value is the mean over its prompt sets."]
+    lines += [*_changes_table(changes or {}, configurations), ""]
     lines += [f"- `{m}`: {METRICS[m]}" for m in shown]
     lines += ["- `s / image`: " + TIMING["sec_per_image"], "- `peak MB`: " + TIMING["peak_memory_mb"]]
     if notes:
@@ -125,6 +183,7 @@ def write_report(outdir: Path, results: Sequence[SetResult], configurations: Seq
     seeds = list(run_info["seeds"])
     seed_rows = per_seed(results, configurations, seeds)
     summary = summarize(seed_rows, configurations)
+    changes = changes_from_off(seed_rows, configurations)
     paths = {name: outdir / name for name in ("results.md", "results.csv", "sets.csv", "timing.csv", "summary.json")}
     write_csv(paths["results.csv"], seed_rows, ["configuration", "seed", *METRICS])
     write_csv(paths["timing.csv"], seed_rows, ["configuration", "seed", *TIMING])
@@ -134,7 +193,8 @@ def write_report(outdir: Path, results: Sequence[SetResult], configurations: Seq
                  **{f"labels_{n}": "|".join(r.labels.get(n, [])) for n in label_names}} for r in results]
     write_csv(paths["sets.csv"], set_rows, ["configuration", "seed", "set", "prompt", "image_seeds", *METRICS,
                                             *(f"labels_{n}" for n in label_names)])
-    paths["results.md"].write_text(markdown_report(summary, configurations, run_info, notes), encoding="utf-8")
+    report = markdown_report(summary, configurations, run_info, notes, changes)
+    paths["results.md"].write_text(report, encoding="utf-8")
     grids = []
     for position, configuration in enumerate(configurations):
         shown = [r for r in results if r.job.configuration == configuration.name and r.images_png]
@@ -143,7 +203,7 @@ def write_report(outdir: Path, results: Sequence[SetResult], configurations: Seq
         grids.append(outdir / grid_file_name(position, configuration.name))
         image_grid(rows, row_labels=labels).save(grids[-1], format="PNG")
     document = {"run": dict(run_info), "configurations": [c.as_metadata() for c in configurations],
-                "summary": summary, "metrics": METRICS, "timing": TIMING, "notes": list(notes),
+                "summary": summary, "change_from_off": changes, "metrics": METRICS, "timing": TIMING, "notes": list(notes),
                 "files": sorted(p.name for p in [*paths.values(), *grids])}
     paths["summary.json"].write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
     return [*paths.values(), *grids]
