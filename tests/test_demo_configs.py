@@ -38,7 +38,14 @@ def test_pairs_probe_trains_on_half_pair_images_for_3000_steps():
     assert abs(share - 0.5) < 0.08 and config.trainer.max_steps == 3000
 
 
-def test_longer_probe_continues_from_the_shipped_weights():
-    config = merged("demo-inference.yaml", "demo-train.yaml", "experiments/longer.yaml")
-    assert (ROOT / config.model.params.ckpt_path).is_file()  # paths in the demo configs are from the repo root
-    assert config.trainer.max_steps == 3000 and config.trainer.seed != merged("demo-train.yaml").trainer.seed
+def test_stage_two_continues_from_stage_one_and_the_shipped_weights_record_it():
+    from safetensors import safe_open
+    stage1 = merged("demo-inference.yaml", "demo-train.yaml")
+    stage2 = merged("demo-inference.yaml", "demo-train.yaml", "demo-train-stage2.yaml")
+    # Stage 2 starts from stage 1's output, not from the shipped file it replaces.
+    assert stage2.model.params.ckpt_path == "outputs/demo/demo-stage1.safetensors"
+    assert "ckpt_path" not in stage1.model.params
+    assert stage2.trainer.max_steps == 3000 and stage2.trainer.seed != stage1.trainer.seed
+    with safe_open(str(ROOT / "models" / "demo" / "demo.safetensors"), "pt") as weights:
+        metadata = weights.metadata()
+    assert OmegaConf.create(metadata["config"]) == stage2 and metadata["steps"] == "3000"
