@@ -8,8 +8,10 @@ Generates one set of --n_samples images without sharing (DDIM, image k from seed
 records, in every self-attention layer at every step, how uniform each query's attention over its own
 image is (normalised entropy, 1 = uniform) and how much of it would go to the other images if their
 keys were pooled as sharing "all" does ((B-1)/B = cannot tell images apart), and how similar the
-layer's outputs are between images (near 1: sharing has little to exchange). Sharing can only make a
-subject consistent where attention is selective; see ldm/eval/attention_stats.py.
+layer's outputs are between images (near 1: sharing has little to exchange). Then, from the set's
+final latents noised back to 1/4, 1/2 and 3/4 of the schedule, how much sharing in each group alone
+changes the UNet's noise prediction. Sharing can only make a subject consistent where attention is
+selective and its output matters downstream; see ldm/eval/attention_stats.py.
 """
 from __future__ import annotations
 
@@ -25,7 +27,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, run_cli  # noqa: E402
-from ldm.eval.attention_stats import AttentionRecorder  # noqa: E402
+from ldm.eval.attention_stats import AttentionRecorder, prediction_change  # noqa: E402
 from ldm.generation import choose_device, generate_latents  # noqa: E402
 from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
 
@@ -65,18 +67,23 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     shape = (int(params.channels), int(params.image_size), int(params.image_size))
     seeds = [opt.seed + k for k in range(opt.n_samples)]
     with AttentionRecorder(model, set_size=opt.n_samples) as recorder:
-        generate_latents(model, DDIMSampler(model), [opt.prompt] * opt.n_samples, seeds, shape=shape,
-                         steps=opt.steps, scale=opt.scale)
+        latents = generate_latents(model, DDIMSampler(model), [opt.prompt] * opt.n_samples, seeds, shape=shape,
+                                   steps=opt.steps, scale=opt.scale)
     summary = recorder.summary()
+    with torch.no_grad():
+        conditioning = model.get_learned_conditioning([opt.prompt] * opt.n_samples)
+    for tag, change in prediction_change(model, latents, conditioning, list(summary)).items():
+        summary[tag]["prediction_change"] = change
     uniform = (opt.n_samples - 1) / opt.n_samples
     print(f"Self-attention of {ckpt_path.name}, {opt.prompt!r}, {opt.n_samples} images (seeds {seeds[0]}-{seeds[-1]}), "
           f"DDIM {opt.steps} steps, scale {opt.scale}; mean over layers, steps, heads and queries.")
     print(f"| group | calls | own-image entropy (1 = uniform) | share on other images (uniform {uniform:.2f}) "
-          "| output similarity between images |")
-    print("|---|---|---|---|---|")
+          "| output similarity between images | prediction change if shared alone |")
+    print("|---|---|---|---|---|---|")
     for tag, row in summary.items():
         entropy = "-" if math.isnan(row["entropy"]) else f"{row['entropy']:.3f}"  # "-": a single token
-        print(f"| `{tag}` | {row['calls']} | {entropy} | {row['other_mass']:.3f} | {row['output_similarity']:.3f} |")
+        print(f"| `{tag}` | {row['calls']} | {entropy} | {row['other_mass']:.3f} | {row['output_similarity']:.3f} "
+              f"| {row['prediction_change']:.4f} |")
     return summary
 
 

@@ -121,8 +121,46 @@ def test_script_reports_every_group_of_a_tiny_checkpoint(tiny_model, tmp_path, c
     assert list(summary) == tags
     printed = capsys.readouterr().out
     assert all(f"| `{tag}` |" in printed for tag in tags)
+    assert "prediction change if shared alone" in printed
+    assert all(row["prediction_change"] >= 0.0 for row in summary.values())
 
 
 def test_script_refuses_a_set_of_one():
     with pytest.raises(UsageError, match="--n_samples must be at least 2"):
         load_script().parse_args(["--demo", "--n_samples", "1"])
+
+
+def test_prediction_change_is_zero_for_identical_images_and_leaves_sharing_off(tiny_model):
+    from ldm.eval.attention_stats import prediction_change
+    unet = tiny_model.model.diffusion_model
+    tags = list(dict.fromkeys(layer.tag for _, layer in tagged_layers(unet)))
+    shape = (tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
+    with torch.no_grad():
+        conditioning = tiny_model.get_learned_conditioning(["a chair"] * 3)
+    same = torch.randn(1, *shape, generator=torch.Generator().manual_seed(0)).expand(3, -1, -1, -1)
+    same_noise = torch.randn(1, *shape, generator=torch.Generator().manual_seed(1)).expand(3, -1, -1, -1)
+    changes = prediction_change(tiny_model, same, conditioning, tags, noise=same_noise)
+    assert list(changes) == tags and all(abs(c) < 1e-5 for c in changes.values())  # nothing to share
+    distinct = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
+    changes = prediction_change(tiny_model, distinct, conditioning, tags)
+    assert all(c >= 0.0 for c in changes.values()) and max(changes.values()) > 1e-3
+    assert unet.shared_attention is None
+    assert all(layer.batch_sharing is None for _, layer in tagged_layers(unet))
+
+
+def test_prediction_change_matches_one_shared_forward_pass(tiny_model):
+    from ldm.eval.attention_stats import prediction_change
+    from ldm.modules.shared_attention import shared_attention
+    tag = tagged_layers(tiny_model.model.diffusion_model)[-1][1].tag
+    shape = (tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
+    latents = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))
+    with torch.no_grad():
+        conditioning = tiny_model.get_learned_conditioning(["a chair", "a lamp"])
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(0))
+        t = torch.full((2,), (tiny_model.num_timesteps - 1) // 2)
+        x = tiny_model.q_sample(latents, t, noise)
+        reference = tiny_model.apply_model(x, t, conditioning)
+        with shared_attention(tiny_model, groups=tag):
+            shared = tiny_model.apply_model(x, t, conditioning)
+    expected = ((shared - reference).norm() / reference.norm()).item()
+    assert prediction_change(tiny_model, latents, conditioning, [tag], fractions=(0.5,))[tag] == pytest.approx(expected)

@@ -17,6 +17,10 @@ self-attention layer (`attn1`), with sharing off:
   output is nearly the same (near 1, as when uniform attention averages a background all images share),
   reading other images' keys and values cannot change much, whatever the strength or anchor.
 
+`prediction_change` asks the downstream question: sharing in one group changes that group's outputs,
+but how much does it change the UNet's noise prediction, the only thing the sampler sees? A group
+whose attention output the following layers barely use can share all it likes without moving the image.
+
 With classifier-free guidance the batch is [unconditional; conditional]; only the conditional images
 (the last `set_size` of the batch) are measured. Queries are processed in chunks, so no
 (B*N) x (B*N) tensor is built even at SD v1's 4096 tokens.
@@ -25,11 +29,12 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from typing import Optional
 
 import torch
 from torch import nn
 
-from ldm.modules.shared_attention import find_unet, tagged_layers
+from ldm.modules.shared_attention import find_unet, shared_attention, tagged_layers
 
 QUERY_CHUNK = 1024
 
@@ -107,3 +112,26 @@ class AttentionRecorder:
                         "other_mass": sum(v[1] for v in values) / len(values), "uniform_other_mass": uniform,
                         "output_similarity": sum(self.similarities[tag]) / len(self.similarities[tag])}
         return out
+
+
+@torch.no_grad()
+def prediction_change(model: nn.Module, latents: torch.Tensor, conditioning: torch.Tensor, tags: list[str],
+                      fractions: tuple[float, ...] = (0.25, 0.5, 0.75), seed: int = 0,
+                      noise: Optional[torch.Tensor] = None) -> dict[str, float]:
+    """tag -> ||eps_shared - eps|| / ||eps||: the relative change of the noise prediction of a set when
+    only that group shares (mode "all", strength 0), averaged over timesteps at `fractions` of the
+    schedule. The input is the set's `latents` (B, C, h, w) noised to each timestep with one fixed
+    `noise` (default: drawn from `seed`)."""
+    if noise is None:
+        noise = torch.randn(latents.shape, generator=torch.Generator().manual_seed(seed))
+    noise = noise.to(latents)
+    changes = dict.fromkeys(tags, 0.0)
+    for fraction in fractions:
+        t = torch.full((latents.shape[0],), int(fraction * (model.num_timesteps - 1)), device=latents.device)
+        x = model.q_sample(latents, t, noise)
+        reference = model.apply_model(x, t, conditioning)
+        for tag in tags:
+            with shared_attention(model, groups=tag):
+                shared = model.apply_model(x, t, conditioning)
+            changes[tag] += ((shared - reference).norm() / reference.norm()).item() / len(fractions)
+    return changes
