@@ -46,6 +46,18 @@ def per_seed(results: Sequence[SetResult], configurations: Sequence[Configuratio
     return rows
 
 
+def over_seeds(values: np.ndarray, extremes: bool = False) -> dict[str, Any]:
+    """{"mean", "std" (ddof 1)[, "min", "max"], "n_seeds"} of the per-seed `values` that are not NaN."""
+    values = values[~np.isnan(values)]
+    stats: dict[str, Any] = {"mean": float(values.mean()) if len(values) else math.nan,
+                             "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan}
+    if extremes:
+        stats["min"] = float(values.min()) if len(values) else math.nan
+        stats["max"] = float(values.max()) if len(values) else math.nan
+    stats["n_seeds"] = int(len(values))
+    return stats
+
+
 def summarize(seed_rows: Sequence[Mapping[str, Any]], configurations: Sequence[Configuration]) -> dict[str, dict]:
     """configuration -> metric -> {"mean", "std", "n_seeds"} over the seeds with a value (std ddof 1)."""
     summary: dict[str, dict] = {}
@@ -53,12 +65,8 @@ def summarize(seed_rows: Sequence[Mapping[str, Any]], configurations: Sequence[C
         rows = [r for r in seed_rows if r["configuration"] == configuration.name]
         summary[configuration.name] = {}
         for metric in (*METRICS, *TIMING):
-            values = np.array([r[metric] for r in rows if not math.isnan(r[metric])], dtype=np.float64)
-            summary[configuration.name][metric] = {
-                "mean": float(values.mean()) if len(values) else math.nan,
-                "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
-                "n_seeds": int(len(values)),
-            }
+            values = np.array([r[metric] for r in rows], dtype=np.float64)
+            summary[configuration.name][metric] = over_seeds(values)
     return summary
 
 
@@ -81,14 +89,7 @@ def changes_from_off(seed_rows: Sequence[Mapping[str, Any]],
         changes[configuration.name] = {}
         for metric in PAIRED_COLUMNS:
             values = np.array([r[metric] - baseline[r["seed"]][metric] for r in rows], dtype=np.float64)
-            values = values[~np.isnan(values)]
-            changes[configuration.name][metric] = {
-                "mean": float(values.mean()) if len(values) else math.nan,
-                "std": float(values.std(ddof=1)) if len(values) > 1 else math.nan,
-                "min": float(values.min()) if len(values) else math.nan,
-                "max": float(values.max()) if len(values) else math.nan,
-                "n_seeds": int(len(values)),
-            }
+            changes[configuration.name][metric] = over_seeds(values, extremes=True)
     return changes
 
 
