@@ -217,6 +217,27 @@ def test_step_window_switches_sharing_by_sampler_progress(tiny_unet):
     assert not torch.allclose(inside, plain)
 
 
+def test_step_window_starts_sharing_at_its_start_fraction(tiny_unet):
+    x, t, c = unet_inputs(2)
+    plain = run(tiny_unet, x, t, c)
+    with shared_attention(tiny_unet, groups="all", steps=(0.5, 1.0)):
+        before_start = run(tiny_unet, x, t, c, progress=0.25)
+        at_start = run(tiny_unet, x, t, c, progress=0.5)
+    assert torch.equal(before_start, plain)
+    assert not torch.allclose(at_start, plain)
+
+
+@pytest.mark.parametrize("window, total, selected", [
+    ((0.0, 1.0), 4, [0, 1, 2, 3]),
+    ((0.25, 0.75), 4, [1, 2]),  # progress 0.25 and 0.5; 0.75 is the end, excluded
+    ((0.6, 0.9), 2, []),  # steps at progress 0 and 0.5: neither is inside
+    ((0.0, 0.4), 2, [0]),
+])
+def test_steps_in_window_lists_the_steps_the_window_selects(window, total, selected):
+    from ldm.modules.shared_attention import SharedAttentionSettings
+    assert SharedAttentionSettings(steps=window).steps_in_window(total) == selected
+
+
 def test_very_negative_strength_equals_off(tiny_unet):
     x, t, c = unet_inputs(3)
     plain = run(tiny_unet, x, t, c)
@@ -234,17 +255,20 @@ def test_unknown_group_names_are_an_error_listing_the_valid_ones(tiny_unet):
         shared_attention(tiny_unet, groups="up,up.128")
 
 
-@pytest.mark.parametrize("kwargs,message", [
-    ({"mode": "some"}, "unknown shared-attention mode"),
-    ({"anchors": 0}, "anchors must be at least 1"),
-    ({"steps": (0.5, 0.5)}, "step window"),
-    ({"steps": (0.0, 1.5)}, "step window"),
-    ({"groups": ""}, "no layer groups"),
-    ({"strength": math.nan}, "strength"),
+@pytest.mark.parametrize("kwargs, field, message", [
+    ({"mode": "some"}, "mode", "unknown shared-attention mode"),
+    ({"anchors": 0}, "anchors", "anchors must be at least 1"),
+    ({"steps": (0.5, 0.5)}, "steps", "step window"),
+    ({"steps": (0.0, 1.5)}, "steps", "step window"),
+    ({"groups": ""}, "groups", "no layer groups"),
+    ({"strength": math.nan}, "strength", "strength"),
+    ({"strength": math.inf}, "strength", "strength"),
 ])
-def test_bad_settings_are_clear_errors(tiny_unet, kwargs, message):
-    with pytest.raises(ValueError, match=message):
+def test_bad_settings_are_value_errors_naming_the_setting(tiny_unet, kwargs, field, message):
+    from ldm.errors import InvalidValue
+    with pytest.raises(InvalidValue, match=message) as error:
         shared_attention(tiny_unet, **kwargs)
+    assert isinstance(error.value, ValueError) and error.value.field == field
 
 
 def test_help_lists_every_group_and_layer(tiny_unet):

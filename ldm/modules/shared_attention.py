@@ -66,6 +66,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ldm.errors import InvalidValue
 from ldm.modules.attention import CrossAttention
 
 MODES = ("all", "anchor")
@@ -165,16 +166,27 @@ class SharedAttentionSettings:
 
     def __post_init__(self) -> None:
         if not self.groups:
-            raise ValueError("no layer groups given; use e.g. 'all', 'up' or 'mid,up.32'")
+            raise InvalidValue("groups", "", "no layer groups given; use e.g. 'all', 'up' or 'mid,up.32'")
         if self.mode not in MODES:
-            raise ValueError(f"unknown shared-attention mode {self.mode!r}; choose one of {', '.join(MODES)}")
+            raise InvalidValue("mode", self.mode, f"unknown shared-attention mode {self.mode!r}; choose one of "
+                                                  f"{', '.join(MODES)}")
         if self.anchors < 1:
-            raise ValueError(f"anchors must be at least 1, got {self.anchors}")
+            raise InvalidValue("anchors", self.anchors, f"anchors must be at least 1, got {self.anchors}")
         start, end = self.steps
         if not 0.0 <= start < end <= 1.0:
-            raise ValueError(f"step window {start}:{end} must satisfy 0 <= start < end <= 1 (fractions of the steps)")
+            raise InvalidValue("steps", self.steps, f"the step window {start}:{end} must satisfy 0 <= start < end "
+                                                    "<= 1 (fractions of the steps)")
         if math.isnan(self.strength) or self.strength == math.inf:
-            raise ValueError(f"strength must be a number or -inf (off), got {self.strength}")
+            raise InvalidValue("strength", self.strength, "strength must be a number or -inf (off)")
+
+    def in_window(self, progress: float) -> bool:
+        """Whether the step at `progress` (step index / number of steps) lies in the step window."""
+        start, end = self.steps
+        return start <= progress < end
+
+    def steps_in_window(self, total_steps: int) -> list[int]:
+        """The indices (0 = first, noisiest) of the steps of a `total_steps`-step run that share."""
+        return [index for index in range(total_steps) if self.in_window(index / total_steps)]
 
     def as_metadata(self) -> dict:
         return {**asdict(self), "groups": ",".join(self.groups), "steps": f"{self.steps[0]}:{self.steps[1]}"}
@@ -266,10 +278,7 @@ class SharedAttention:
         if self.settings.strength == -math.inf:
             return False
         progress = self.layout.progress
-        if progress is None:
-            return True
-        start, end = self.settings.steps
-        return start <= progress < end
+        return progress is None or self.settings.in_window(progress)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
         s = self.settings
