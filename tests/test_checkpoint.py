@@ -202,13 +202,49 @@ def test_bad_paths_give_clear_errors(tmp_path):
     with pytest.raises(IsADirectoryError, match=r"is a directory.*model\.ckpt"):
         load_state_dict_file(tmp_path)
     (tmp_path / "model.bin").write_bytes(b"1234")
-    with pytest.raises(CheckpointReadError, match=r"\.safetensors"):
+    with pytest.raises(CheckpointReadError, match=r"neither a safetensors file nor a torch.save checkpoint"):
         load_state_dict_file(tmp_path / "model.bin")
     with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
         load_state_dict_file(tmp_path / "model.ckpt")
     (tmp_path / "notes.pt").write_text("not a checkpoint")
     with pytest.raises(CheckpointReadError, match="truncated or corrupt"):
         load_state_dict_file(tmp_path / "notes.pt")
+
+
+@pytest.mark.parametrize("writer, misleading_name", [("safetensors", "model.ckpt"), ("torch", "model.safetensors"),
+                                                    ("torch", "weights")])
+def test_format_is_told_by_content_not_by_the_file_name(tmp_path, tiny_state_dict, writer, misleading_name):
+    path = tmp_path / misleading_name
+    if writer == "safetensors":
+        safetensors.torch.save_file(tiny_state_dict, path)
+    else:
+        torch.save({"state_dict": tiny_state_dict}, path)
+    state_dict = load_state_dict_file(path)
+    assert all(torch.equal(state_dict[k], v) for k, v in tiny_state_dict.items())
+
+
+def test_checkpoint_format_names_the_three_formats(tmp_path, tiny_state_dict):
+    from ldm.checkpoint import checkpoint_format
+    small = {"w": torch.ones(2)}
+    safetensors.torch.save_file(small, tmp_path / "a")
+    torch.save(small, tmp_path / "b")
+    torch.save(small, tmp_path / "c", _use_new_zipfile_serialization=False)
+    assert [checkpoint_format(tmp_path / n) for n in "abc"] == ["safetensors", "torch-zip", "torch-legacy"]
+
+
+def test_fingerprint_follows_the_content_not_the_name_or_dates(tmp_path, tiny_state_dict):
+    from ldm.checkpoint import checkpoint_fingerprint
+    safetensors.torch.save_file(tiny_state_dict, tmp_path / "a.safetensors")
+    data = (tmp_path / "a.safetensors").read_bytes()
+    (tmp_path / "copy.ckpt").write_bytes(data)
+    os.utime(tmp_path / "copy.ckpt", (0, 0))
+    changed = bytearray(data)
+    changed[-1] ^= 1  # one bit of the last tensor
+    (tmp_path / "changed.safetensors").write_bytes(bytes(changed))
+    first = checkpoint_fingerprint(tmp_path / "a.safetensors")
+    assert first.startswith("sample-sha256:") and len(first) == len("sample-sha256:") + 16
+    assert checkpoint_fingerprint(tmp_path / "copy.ckpt") == first
+    assert checkpoint_fingerprint(tmp_path / "changed.safetensors") != first
 
 
 # ----------------------------------------------------------------------------- key conventions

@@ -8,19 +8,20 @@ Files are memory-mapped and their tensors assigned to a model built without weig
     from ldm.checkpoint import load_model_from_config
     model = load_model_from_config("configs/stable-diffusion/v1-inference.yaml", "sd-v1-4.ckpt")
 
-Modules: `files` (reading a file), `safe_pickle` (the allow-list), `keys` (SD v1 key conventions: CLIP
+Modules: `files` (reading a file, its format by content, its fingerprint), `safe_pickle` (the allow-list), `keys` (SD v1 key conventions: CLIP
 `text_model.` level, EMA names), `loading` (into a model), `errors`.
 """
 from ldm.checkpoint.errors import (CheckpointError, CheckpointMismatchError, CheckpointReadError,
                                    UnsafeCheckpointError)
-from ldm.checkpoint.files import LoadedCheckpoint, load_checkpoint, load_state_dict_file
+from ldm.checkpoint.files import (LoadedCheckpoint, checkpoint_fingerprint, checkpoint_format, load_checkpoint,
+                                  load_state_dict_file)
 from ldm.checkpoint.keys import ema_key, has_ema_weights, remap_checkpoint_keys
 from ldm.checkpoint.loading import LoadReport, load_model_from_config, load_state_dict_into, parameters_on_meta
 from ldm.checkpoint.safe_pickle import LightningCallbackStandIn
 
 __all__ = [
     "CheckpointError", "CheckpointMismatchError", "CheckpointReadError", "UnsafeCheckpointError",
-    "LoadedCheckpoint", "load_checkpoint", "load_state_dict_file",
+    "LoadedCheckpoint", "checkpoint_fingerprint", "checkpoint_format", "load_checkpoint", "load_state_dict_file",
     "ema_key", "has_ema_weights", "remap_checkpoint_keys",
     "LoadReport", "load_model_from_config", "load_state_dict_into", "parameters_on_meta",
     "LightningCallbackStandIn",

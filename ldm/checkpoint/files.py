@@ -1,10 +1,15 @@
 """Reading a checkpoint file into a flat {name: tensor} dict, memory-mapped, without running code from it.
 
-Formats, chosen by the file's extension:
-- `.safetensors`: read through safetensors' memory map; the header's string metadata becomes `metadata`.
-- `.ckpt`, `.pt`, `.pth`: `torch.save` files, read by `torch.load(weights_only=True, mmap=True)` with the
-  allow-list of `ldm.checkpoint.safe_pickle`. Only the legacy (pre-1.6, non-zip) format is read without mmap,
-  because torch cannot map it.
+Formats, told apart by the file's first bytes (`checkpoint_format`), never by its name, so a safetensors
+file called `model.ckpt` loads as what it is:
+- safetensors: an 8-byte little-endian header length, then the JSON header (`{`); read through safetensors'
+  memory map; the header's string metadata becomes `metadata`.
+- torch.save files (`.ckpt`, `.pt`, `.pth` by habit): a zip archive (`PK\x03\x04`, torch >= 1.6) or a legacy
+  pickle (opcode PROTO, `\x80`), read by `torch.load(weights_only=True, mmap=True)` with the allow-list of
+  `ldm.checkpoint.safe_pickle`. Only the legacy format is read without mmap, because torch cannot map it.
+
+`checkpoint_fingerprint` names a file's content cheaply (a hash of its size and of 16 evenly spaced
+64 KiB samples, 1 MiB read whatever the size), so a PNG can record which weights made it.
 
 Memory-mapped tensors are views of a private (copy-on-write) mapping of the file: pages are read from disk
 when first touched, the file's bytes are never copied up front, and writing to a tensor never changes the file.
@@ -15,6 +20,7 @@ has empty metadata.
 """
 from __future__ import annotations
 
+import hashlib
 import os
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
@@ -29,6 +35,8 @@ TORCH_EXTENSIONS = (".ckpt", ".pt", ".pth")
 SAFETENSORS_EXTENSIONS = (".safetensors",)
 SUPPORTED_EXTENSIONS = TORCH_EXTENSIONS + SAFETENSORS_EXTENSIONS
 _ZIP_MAGIC = b"PK\x03\x04"  # torch.save's default format (torch >= 1.6) is a zip archive
+_PICKLE_PROTO = 0x80  # the first opcode of a pickle of protocol 2 or later, as legacy torch.save writes
+FINGERPRINT_SAMPLES, FINGERPRINT_SAMPLE_BYTES = 16, 64 * 1024
 
 
 @dataclass
@@ -48,11 +56,50 @@ class LoadedCheckpoint:
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
     """Read a checkpoint file safely: its tensors (memory-mapped where possible) and top-level metadata."""
     path = _checked_path(path)
-    if path.lower().endswith(SAFETENSORS_EXTENSIONS):
+    if checkpoint_format(path) == "safetensors":
         state_dict, metadata = _read_safetensors(path, device)
     else:
         state_dict, metadata = _unwrap_state_dict(_read_torch_file(path, device), path)
     return LoadedCheckpoint(path=path, state_dict=state_dict, metadata=metadata)
+
+
+def checkpoint_format(path: str | os.PathLike) -> str:
+    """'safetensors', 'torch-zip' or 'torch-legacy', from the file's first bytes; anything else is refused."""
+    path = _checked_path(path)
+    size = os.path.getsize(path)
+    with open(path, "rb") as handle:
+        head = handle.read(9)
+    header_length = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
+    if 2 <= header_length <= size - 8 and head[8:9] == b"{":
+        return "safetensors"
+    if head.startswith(_ZIP_MAGIC):
+        return "torch-zip"
+    if len(head) >= 2 and head[0] == _PICKLE_PROTO and 2 <= head[1] <= 5:
+        return "torch-legacy"
+    what = "is empty" if size == 0 else f"starts with {head[:8]!r}"
+    raise CheckpointReadError(
+        f"{path} {what}, which is neither a safetensors file nor a torch.save checkpoint (zip archive or legacy "
+        "pickle), the formats of .safetensors and .ckpt files; it is probably truncated or corrupt: download it again"
+    )
+
+
+def checkpoint_fingerprint(path: str | os.PathLike) -> str:
+    """A short name of the file's content, e.g. 'sample-sha256:1f0c...': the SHA-256 of the file size and of
+    FINGERPRINT_SAMPLES evenly spaced blocks of FINGERPRINT_SAMPLE_BYTES (the first and the last included).
+
+    Cheap for any size (1 MiB read) and independent of the file's name, folder and dates; it identifies which
+    weights were used, it is not an integrity check (two files differing only between the samples share it).
+    """
+    path = _checked_path(path)
+    size = os.path.getsize(path)
+    digest = hashlib.sha256(size.to_bytes(8, "little"))
+    last = max(0, size - FINGERPRINT_SAMPLE_BYTES)
+    offsets = sorted({round(i * last / (FINGERPRINT_SAMPLES - 1)) for i in range(FINGERPRINT_SAMPLES)})
+    with open(path, "rb") as handle:
+        for offset in offsets:
+            handle.seek(offset)
+            digest.update(handle.read(FINGERPRINT_SAMPLE_BYTES))
+    return f"sample-sha256:{digest.hexdigest()[:16]}"
 
 
 def load_state_dict_file(path: str | os.PathLike, device: str | torch.device = "cpu") -> dict[str, torch.Tensor]:
@@ -70,11 +117,6 @@ def _checked_path(path: str | os.PathLike) -> str:
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; check the path (SD v1 weights are e.g. "
             "models/ldm/stable-diffusion-v1/model.ckpt, downloaded by you, never by this code)"
-        )
-    if not path.lower().endswith(SUPPORTED_EXTENSIONS):
-        raise CheckpointReadError(
-            f"cannot tell the format of {path} from its extension; supported: {', '.join(SUPPORTED_EXTENSIONS)}. "
-            "Rename the file if it is one of these."
         )
     return path
 
@@ -95,16 +137,23 @@ def _read_safetensors(path: str, device: str | torch.device) -> tuple[dict[str, 
 
 
 def _read_torch_file(path: str, device: str | torch.device) -> Any:
-    with open(path, "rb") as handle:
-        is_zip = handle.read(len(_ZIP_MAGIC)) == _ZIP_MAGIC
+    is_zip = checkpoint_format(path) == "torch-zip"
     if is_zip:
         unsafe = find_unsafe_globals(path)
         if unsafe:
             raise unsafe_checkpoint_error(path, unsafe)
+    # torch.load hands a *path* ending in .safetensors to safetensors, whatever the file holds; such a
+    # misnamed torch file is read through a file object instead, which torch cannot memory-map.
+    by_name = not path.lower().endswith(SAFETENSORS_EXTENSIONS)
+
+    def load() -> Any:
+        if by_name:
+            return torch.load(path, map_location=device, weights_only=True, mmap=is_zip)
+        with open(path, "rb") as handle:
+            return torch.load(handle, map_location=device, weights_only=True)
+
     try:
-        return call_refusing_unsafe(
-            path, lambda: torch.load(path, map_location=device, weights_only=True, mmap=is_zip)
-        )
+        return call_refusing_unsafe(path, load)
     except CheckpointError:
         raise
     except Exception as error:  # whatever torch's parsers raise on a damaged file: zip, legacy or pickle errors
