@@ -1,64 +1,122 @@
-"""Command-line options and the run loop shared by `scripts/txt2img.py` and `scripts/img2img.py`.
+"""The command-line layer: flags become one checked `GenerationRequest`; library errors become one line.
 
 Flag names and defaults follow CompVis' scripts; the project's additions are `--device`,
 `--negative-prompt`, `--use-ema`, `--demo` and the `--shared-attn*` / `--compare` family. Options whose
 default differs between SD v1 and the shipped demo model default to None here and are filled in by
-`apply_model_defaults`, so an explicit flag always wins.
+`apply_model_defaults`, so an explicit flag always wins; the image size, latent channels (--C) and
+factor (--f) come from the model's config (a given --C or --f must agree with it).
 
-Bad input raises `UsageError`; the scripts print it as one line and exit with status 2.
+`prepare_generation` checks every flag and file that can be checked without the weights (flag
+combinations, sharing settings, prompt file, config, checkpoint format, the request against the
+config, the output folder, the device), so a mistake surfaces before the slow checkpoint load;
+`run_generation` then loads, generates (`ldm.generation.generate`) and saves.
 
-`sample_and_save` is the loop both scripts run: batches of prompts, per-image seeds (image k of a run
-uses seed + k; with --fixed_code every iteration restarts at seed), the optional no-sharing comparison,
-PNG metadata and grids. The scripts differ only in how a batch of latents is made.
+Errors: flag combinations raise `UsageError` here; the library raises ordinary exceptions about
+values (`ldm.errors.InvalidValue` names the request field, which `run_cli` maps to its flag). Either
+way the user sees one line, `error: ...`, and exit status 2.
 """
 from __future__ import annotations
 
 import argparse
-import json
-import math
+import re
 import sys
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
-from omegaconf import OmegaConf
 from tqdm import tqdm
 
 from ldm.checkpoint.errors import CheckpointError
-# UsageError lives next to the generation helpers, which raise it too; the scripts import it from here.
-from ldm.generation import (OutputFolder, UsageError, batches, choose_device, decode_to_images, image_grid,
-                            precision_scope, read_prompt_file)
-from ldm.modules.shared_attention import MODES, SharedAttentionSettings, parse_groups
+from ldm.errors import InvalidValue, format_value
+from ldm.generation.generate import NonFiniteError, Progress, generate
+from ldm.generation.inputs import fit_to_multiple, open_image, read_prompt_file
+from ldm.generation.model import REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model, read_model_spec
+from ldm.generation.outputs import check_output_folder, save_result
+from ldm.generation.request import GenerationRequest
+from ldm.modules.shared_attention import MODES, SharedAttentionSettings, describe_layers, parse_groups
 
-REPO_ROOT = Path(__file__).resolve().parents[1]
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 SD_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
 DEMO_CONFIG = "configs/demo/demo-inference.yaml"
 DEMO_CKPT = "models/demo/demo.safetensors"
 
-# Defaults that depend on the model: SD v1 (CompVis' values) and the demo model (64 px, CPU-quick).
-SD_DEFAULTS = dict(config=SD_CONFIG, ckpt=SD_CKPT, H=512, W=512, f=8, C=4, ddim_steps=50, scale=7.5,
-                   n_samples=3, n_iter=2)
-DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, H=64, W=64, f=4, C=4, ddim_steps=25, scale=3.0,
-                     n_samples=4, n_iter=1)
+# Defaults that depend on the model: SD v1 (CompVis' values) and the demo model (CPU-quick).
+SD_DEFAULTS = dict(config=SD_CONFIG, ckpt=SD_CKPT, ddim_steps=50, scale=7.5, n_samples=3, n_iter=2)
+DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, ddim_steps=25, scale=3.0, n_samples=4, n_iter=1)
+SHARING_OPTIONS = ("shared_attn_mode", "shared_attn_anchors", "shared_attn_steps", "shared_attn_strength")
+
+# The flag that sets each request field (and sharing setting) in txt2img and img2img.
+GENERATION_FLAGS = {
+    "prompt": "--prompt", "prompt_file": "--from-file", "negative_prompt": "--negative-prompt", "seed": "--seed",
+    "batch_size": "--n_samples", "n_iter": "--n_iter", "sampler": "--plms/--dpm_solver", "steps": "--ddim_steps",
+    "scale": "--scale", "eta": "--ddim_eta", "height": "--H", "width": "--W", "init_image": "--init-img",
+    "strength": "--strength", "precision": "--precision", "device": "--device", "compare": "--compare",
+    "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
+    "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
+}
+
+
+class UsageError(ValueError):
+    """Flags that do not go together, or a flag the program does not support; the message names them."""
 
 
 # Errors whose message is meant for the user as it stands: a traceback would only hide it.
-USER_ERRORS = (UsageError, FileNotFoundError, CheckpointError)
-# A batch of latents (B, C, h, w) for prompts and seeds, with batch sharing `settings` (None = off).
-SampleBatch = Callable[[list[str], list[int], Optional[SharedAttentionSettings]], torch.Tensor]
+USER_ERRORS = (UsageError, InvalidValue, ConfigError, CheckpointError, NonFiniteError, FileNotFoundError,
+               IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
 
 
-def run_cli(main: Callable[[], Any]) -> None:
+def error_line(error: BaseException, flags: Mapping[str, str]) -> str:
+    """The one line shown for a user error; an InvalidValue names the flag of its field."""
+    if isinstance(error, InvalidValue) and error.field in flags:
+        text = f"{flags[error.field]} {format_value(error.value)}: {error.problem}"
+    else:
+        text = str(error)
+    return "error: " + re.sub(r"\s*\n\s*", " ", text.strip())
+
+
+def run_cli(main: Callable[..., Any], argv: Optional[Sequence[str]] = None,
+            flags: Mapping[str, str] = GENERATION_FLAGS) -> Any:
     """Run a script's main, turning user errors into one line on stderr and exit status 2."""
     try:
-        main()
+        return main() if argv is None else main(argv)
     except USER_ERRORS as error:
-        print(f"error: {error}", file=sys.stderr)
+        print(error_line(error, flags), file=sys.stderr)
         sys.exit(2)
 
 
+class ArgumentParser(argparse.ArgumentParser):
+    """argparse with one-line errors, and values such as `-inf` or `-1e30` accepted after their flag
+    (argparse would take them for flags: it only knows plain negative numbers)."""
+
+    def error(self, message: str) -> None:  # type: ignore[override]
+        self.exit(2, f"error: {message} (see --help)\n")
+
+    def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> argparse.Namespace:
+        tokens = list(sys.argv[1:] if args is None else args)
+        joined: list[str] = []
+        for token in tokens:
+            takes_value = joined and joined[-1] in self._option_string_actions and \
+                self._option_string_actions[joined[-1]].nargs is None and \
+                self._option_string_actions[joined[-1]].const is None
+            if takes_value and token.startswith("-") and _is_float(token):
+                joined[-1] = f"{joined[-1]}={token}"
+            else:
+                joined.append(token)
+        return super().parse_args(joined, namespace)
+
+
+def _is_float(text: str) -> bool:
+    try:
+        float(text)
+    except ValueError:
+        return False
+    return True
+
+
+# ---------------------------------------------------------------------------------------------------
+# Flags
+# ---------------------------------------------------------------------------------------------------
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--config", type=str, default=None, help=f"model config (default: {SD_CONFIG})")
@@ -78,7 +136,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = T
     group.add_argument("--ddim_steps", type=int, default=None, help="number of sampling steps (SD default 50)")
     group.add_argument("--plms", action="store_true", help="use PLMS sampling")
     group.add_argument("--dpm_solver", action="store_true", help="use DPM-Solver sampling")
-    group.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta (0 = deterministic)")
+    group.add_argument("--ddim_eta", type=float, default=0.0, help="DDIM eta, 0 (deterministic) to 1")
     group.add_argument("--scale", type=float, default=None,
                        help="classifier-free guidance scale (SD default 7.5)")
     group.add_argument("--negative-prompt", type=str, default="", help="what the unconditional half is conditioned on")
@@ -88,10 +146,11 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = T
     group.add_argument("--n_samples", type=int, default=None, help="images per batch (SD default 3)")
     group.add_argument("--n_iter", type=int, default=None, help="batches per prompt (SD default 2)")
     if image_size:
-        group.add_argument("--H", type=int, default=None, help="image height in pixels (SD default 512)")
-        group.add_argument("--W", type=int, default=None, help="image width in pixels (SD default 512)")
-    group.add_argument("--C", type=int, default=None, help="latent channels")
-    group.add_argument("--f", type=int, default=None, help="downsampling factor of the autoencoder")
+        group.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, 512 for SD)")
+        group.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's, 512 for SD)")
+    group.add_argument("--C", type=int, default=None, help="latent channels (read from the config; a given value must match)")
+    group.add_argument("--f", type=int, default=None, help="autoencoder downsampling factor (read from the config; "
+                                                           "a given value must match)")
 
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_outdir: str) -> None:
@@ -103,6 +162,7 @@ def add_output_arguments(parser: argparse.ArgumentParser, default_outdir: str) -
 
 
 def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
+    """The --shared-attn-* options default to None, so that one given without --shared-attn is noticed."""
     group = parser.add_argument_group(
         "batch-shared self-attention",
         "Images of one batch also attend to each other's self-attention keys and values, so they show a "
@@ -110,13 +170,15 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shared-attn", type=str, default=None, metavar="GROUPS",
                        help="layers to share: all, down, mid, up, down.64, up.32, 32, ... comma-separated; "
                             "'help' lists the groups and layers")
-    group.add_argument("--shared-attn-mode", type=str, choices=MODES, default="all",
-                       help="all: every image sees every image of its batch; anchor: images see the first K")
-    group.add_argument("--shared-attn-anchors", type=int, default=1, metavar="K", help="anchor images (anchor mode)")
-    group.add_argument("--shared-attn-steps", type=str, default="0:1", metavar="START:END",
-                       help="fraction of the sampling steps with sharing on, e.g. 0:0.4 for the first 40%%")
-    group.add_argument("--shared-attn-strength", type=float, default=0.0, metavar="S",
-                       help="logit bias on the other images' keys: 0 plain, <0 weaker, >0 stronger, -inf off")
+    group.add_argument("--shared-attn-mode", type=str, choices=MODES, default=None,
+                       help="all (default): every image sees every image of its batch; anchor: images see the first K")
+    group.add_argument("--shared-attn-anchors", type=int, default=None, metavar="K",
+                       help="anchor images (anchor mode; default 1)")
+    group.add_argument("--shared-attn-steps", type=str, default=None, metavar="START:END",
+                       help="fraction of the sampling steps with sharing on, e.g. 0:0.4 for the first 40%% "
+                            "(default 0:1)")
+    group.add_argument("--shared-attn-strength", type=float, default=None, metavar="S",
+                       help="logit bias on the other images' keys: 0 plain (default), <0 weaker, >0 stronger, -inf off")
     group.add_argument("--compare", action="store_true",
                        help="also generate the same seeds without sharing and save both as one labelled grid")
 
@@ -142,6 +204,9 @@ def choose_evaluated_model(opt: argparse.Namespace) -> None:
     opt.scale = opt.scale if opt.scale is not None else defaults["scale"]
 
 
+# ---------------------------------------------------------------------------------------------------
+# Files and the model, checked before the (slow) checkpoint load
+# ---------------------------------------------------------------------------------------------------
 def resolve_path(path: str) -> Path:
     """Relative paths are tried from the working directory, then from the repository root."""
     candidate = Path(path)
@@ -151,10 +216,22 @@ def resolve_path(path: str) -> Path:
     return in_repo if in_repo.exists() else candidate
 
 
-def check_checkpoint(opt: argparse.Namespace) -> tuple[Path, Path]:
-    config, ckpt = resolve_path(opt.config), resolve_path(opt.ckpt)
-    if not config.exists():
-        raise UsageError(f"config file not found: {opt.config}")
+def model_spec(opt: argparse.Namespace) -> ModelSpec:
+    """--config read and checked (YAML, entries, UNet layout); a given --C / --f must match it."""
+    spec = read_model_spec(resolve_path(opt.config))
+    geometry = spec.geometry
+    for flag, value, actual, where in (("--C", getattr(opt, "C", None), geometry.channels, "embed_dim"),
+                                       ("--f", getattr(opt, "f", None), geometry.factor, "2 ** (len(ch_mult) - 1)")):
+        if value is not None and value != actual:
+            raise UsageError(f"{flag} {value}: the model's autoencoder has {actual} there ({opt.config}: "
+                             f"first_stage_config {where}); drop {flag} or set it to {actual}")
+    return spec
+
+
+def check_checkpoint(opt: argparse.Namespace) -> Path:
+    """--ckpt exists and is a checkpoint by its content (safetensors or torch.save), without loading it."""
+    from ldm.checkpoint import checkpoint_format
+    ckpt = resolve_path(opt.ckpt)
     if not ckpt.exists():
         if opt.demo:
             raise UsageError(f"the demo model is missing at {opt.ckpt}; it ships with the repository, "
@@ -165,195 +242,109 @@ def check_checkpoint(opt: argparse.Namespace) -> tuple[Path, Path]:
             f"after accepting its license) and save them as {SD_CKPT}, or pass --ckpt PATH "
             f"(.ckpt or .safetensors). To try the project without them, run with --demo (a tiny model "
             f"that ships with the repository and runs on a CPU).")
-    return config, ckpt
-
-
-def check_sampling(opt: argparse.Namespace, *, img2img: bool = False) -> str:
-    """Validate sizes and sampler options; return the sampler name."""
-    if opt.plms and opt.dpm_solver:
-        raise UsageError("--plms and --dpm_solver exclude each other; choose one (or neither for DDIM)")
-    sampler = "plms" if opt.plms else "dpm_solver" if opt.dpm_solver else "ddim"
-    if sampler == "plms" and opt.ddim_eta != 0:
-        raise UsageError(f"PLMS is deterministic and needs --ddim_eta 0 (got {opt.ddim_eta}); drop --plms to use eta")
-    if sampler == "dpm_solver" and opt.ddim_eta != 0:
-        raise UsageError(f"DPM-Solver is deterministic and needs --ddim_eta 0 (got {opt.ddim_eta})")
-    if not 1 <= opt.ddim_steps <= 1000:
-        raise UsageError(f"--ddim_steps must be between 1 and 1000, got {opt.ddim_steps}")
-    if opt.ddim_eta < 0:
-        raise UsageError(f"--ddim_eta must be >= 0, got {opt.ddim_eta}")
-    if opt.n_samples < 1 or opt.n_iter < 1:
-        raise UsageError("--n_samples and --n_iter must be at least 1")
-    if not 0 <= opt.seed < 2 ** 63:  # torch seeds are 64-bit; negative ones alias large ones
-        raise UsageError(f"--seed must be between 0 and 2**63 - 1, got {opt.seed}")
-    if not img2img:
-        for name in ("H", "W"):
-            value = getattr(opt, name)
-            if value <= 0 or value % 8:
-                raise UsageError(f"--{name} {value} is not a positive multiple of 8; use e.g. 512")
-            if value % opt.f:
-                raise UsageError(f"--{name} {value} is not a multiple of the autoencoder factor --f {opt.f}")
-    if not math.isfinite(opt.scale):
-        raise UsageError(f"--scale must be a finite number, got {opt.scale}")
-    return sampler
-
-
-def pixel_multiple(opt: argparse.Namespace, unet: Any) -> int:
-    """Image sides must be multiples of this: the autoencoder factor times the UNet's halvings."""
-    return opt.f * 2 ** (len(unet.channel_mult) - 1)
-
-
-def check_latent_size(opt: argparse.Namespace, unet: Any, height: int, width: int) -> None:
-    """The UNet halves the latent at each level and mirrors it back, so it must divide evenly."""
-    step = pixel_multiple(opt, unet)
-    for name, pixels in (("H", height), ("W", width)):
-        if pixels % step:
-            raise UsageError(f"--{name} {pixels} gives a latent of {pixels // opt.f}, which this UNet cannot halve "
-                             f"{len(unet.channel_mult) - 1} times; use a multiple of {step} "
-                             f"(e.g. {step * max(1, round(pixels / step))})")
-
-
-def shared_attention_settings(opt: argparse.Namespace) -> Optional[SharedAttentionSettings]:
-    """The settings the --shared-attn* flags describe, or None when sharing is off."""
-    if opt.shared_attn is None:
-        if opt.compare:
-            raise UsageError("--compare shows sharing against no sharing; add --shared-attn GROUPS (e.g. all)")
-        return None
-    try:
-        start, end = (float(part) for part in opt.shared_attn_steps.split(":"))
-    except ValueError:
-        raise UsageError(f"--shared-attn-steps {opt.shared_attn_steps!r} must be START:END fractions, e.g. 0:0.4") from None
-    try:
-        return SharedAttentionSettings(groups=parse_groups(opt.shared_attn), mode=opt.shared_attn_mode,
-                                       anchors=opt.shared_attn_anchors, steps=(start, end),
-                                       strength=opt.shared_attn_strength)
-    except ValueError as error:
-        raise UsageError(f"--shared-attn: {error}") from None
-
-
-def run_metadata(opt: argparse.Namespace, sampler: str, sharing: Optional[SharedAttentionSettings]) -> dict[str, Any]:
-    """The settings that reproduce a run, stored in every PNG."""
-    values = {
-        "sampler": sampler, "steps": opt.ddim_steps, "scale": opt.scale, "eta": opt.ddim_eta,
-        "H": opt.H, "W": opt.W, "C": opt.C, "f": opt.f, "precision": opt.precision,
-        "config": str(opt.config), "ckpt": Path(opt.ckpt).name, "use_ema": opt.use_ema,
-        "negative_prompt": opt.negative_prompt,
-        "shared_attention": sharing.as_metadata() if sharing else None,
-    }
-    return json.loads(json.dumps(values, default=str))
-
-
-# ---------------------------------------------------------------------------------------------------
-# Model: checked from its config before the (slow) checkpoint load, then loaded
-# ---------------------------------------------------------------------------------------------------
-def unet_without_weights(config_path: Path) -> Any:
-    """The config's UNet built on the meta device: its layout (levels, attention tags) without weights."""
-    from ldm.util import instantiate_from_config
-    config = OmegaConf.load(config_path)
-    with torch.device("meta"):
-        return instantiate_from_config(config.model.params.unet_config)
+    checkpoint_format(ckpt)
+    return ckpt
 
 
 def print_shared_attention_help(opt: argparse.Namespace) -> None:
     """--shared-attn help: the groups and layers, from the config alone (no checkpoint needed)."""
-    from ldm.modules.shared_attention import describe_layers
-    config = resolve_path(opt.config)
-    if not config.exists():
-        raise UsageError(f"config file not found: {opt.config}")
-    print(describe_layers(unet_without_weights(config)))
+    print(describe_layers(model_spec(opt).unet))
 
 
-def check_shared_layers(opt: argparse.Namespace, unet: Any, sharing: Optional[SharedAttentionSettings]) -> None:
-    """Unknown group names are an error (listing the valid ones); a useless anchor count gets a note."""
-    if sharing is None:
-        return
-    from ldm.modules.shared_attention import select_layers
+def shared_attention_settings(opt: argparse.Namespace) -> Optional[SharedAttentionSettings]:
+    """The settings the --shared-attn* flags describe, or None when sharing is off."""
+    given = [name for name in SHARING_OPTIONS if getattr(opt, name) is not None]
+    if opt.shared_attn is None:
+        if given:
+            flag = "--" + given[0].replace("_", "-")
+            raise UsageError(f"{flag} only applies together with --shared-attn GROUPS; add --shared-attn "
+                             f"(e.g. all) or drop {flag}")
+        if opt.compare:
+            raise UsageError("--compare shows sharing against no sharing; add --shared-attn GROUPS (e.g. all)")
+        return None
+    window = opt.shared_attn_steps or "0:1"
     try:
-        select_layers(unet, sharing.groups)
-    except ValueError as error:
-        raise UsageError(f"--shared-attn: {error}") from None
-    if sharing.mode == "anchor" and sharing.anchors >= opt.n_samples:
-        print(f"note: {sharing.anchors} anchors with {opt.n_samples} images per batch: every image is an "
-              "anchor, which is the same as --shared-attn-mode all", file=sys.stderr)
+        start, end = (float(part) for part in window.split(":"))
+    except ValueError:
+        raise UsageError(f"--shared-attn-steps {window}: give START:END fractions, e.g. 0:0.4") from None
+    try:
+        return SharedAttentionSettings(
+            groups=parse_groups(opt.shared_attn), mode=opt.shared_attn_mode or "all",
+            anchors=1 if opt.shared_attn_anchors is None else opt.shared_attn_anchors, steps=(start, end),
+            strength=0.0 if opt.shared_attn_strength is None else opt.shared_attn_strength)
+    except InvalidValue as error:
+        raise error.within("sharing") from None
 
 
-@dataclass
-class RunSetup:
-    """What `prepare_run` checked and resolved: everything a script needs before loading the model."""
+# ---------------------------------------------------------------------------------------------------
+# txt2img and img2img: prepare, then run
+# ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class PreparedRun:
+    """Everything checked and resolved before the model loads."""
 
-    sharing: Optional[SharedAttentionSettings]
-    sampler_name: str
-    prompts: list[str]
-    config_path: Path
-    ckpt_path: Path
-    unet_layout: Any  # the UNet on the meta device: levels and attention tags, no weights
+    request: GenerationRequest
+    spec: ModelSpec
+    ckpt: Path
     device: torch.device
 
-    def load_model(self, opt: argparse.Namespace) -> Any:
-        from ldm.checkpoint import load_model_from_config
-        model = load_model_from_config(OmegaConf.load(self.config_path), self.ckpt_path, use_ema=opt.use_ema,
-                                       device=self.device)
-        # Weights run in float32 (a no-op for fp32 files); --precision autocast gives float16 on CUDA.
-        return model.float()
 
-
-def prepare_run(opt: argparse.Namespace, *, img2img: bool = False) -> RunSetup:
-    """Check every flag and file that can be checked without the weights, so mistakes surface before
-    the (slow) checkpoint load."""
+def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
+    """Check every flag and file that can be checked without the weights; `opt.init_img` (img2img, when
+    the script has that flag) is read and fitted to the model here."""
+    if opt.plms and opt.dpm_solver:
+        raise UsageError("--plms and --dpm_solver exclude each other; choose one (or neither for DDIM)")
     sharing = shared_attention_settings(opt)
-    sampler_name = check_sampling(opt, img2img=img2img)
-    prompts = read_prompt_file(opt.from_file) if opt.from_file else [opt.prompt]
-    config_path, ckpt_path = check_checkpoint(opt)
-    unet = unet_without_weights(config_path)
-    check_shared_layers(opt, unet, sharing)
-    return RunSetup(sharing, sampler_name, prompts, config_path, ckpt_path, unet, choose_device(opt.device))
+    prompt = tuple(read_prompt_file(resolve_path(opt.from_file))) if opt.from_file else opt.prompt
+    spec = model_spec(opt)
+    ckpt = check_checkpoint(opt)
+    init_image, init_name = None, None
+    if getattr(opt, "init_img", None) is not None:
+        opened = open_image(opt.init_img)
+        init_image, init_name = fit_to_multiple(opened, spec.geometry.pixel_multiple), Path(opt.init_img).name
+        if init_image.size != opened.size:
+            print(f"init image {init_name}: {opened.width}x{opened.height} resized to {init_image.width}x"
+                  f"{init_image.height} (a multiple of {spec.geometry.pixel_multiple})")
+    request = GenerationRequest(
+        prompt=prompt, negative_prompt=opt.negative_prompt, seed=opt.seed, batch_size=opt.n_samples,
+        n_iter=opt.n_iter, fixed_code=opt.fixed_code,
+        sampler="plms" if opt.plms else "dpm_solver" if opt.dpm_solver else "ddim", steps=opt.ddim_steps,
+        scale=opt.scale, eta=opt.ddim_eta, height=getattr(opt, "H", None), width=getattr(opt, "W", None),
+        init_image=init_image, init_image_name=init_name, strength=getattr(opt, "strength", 0.75),
+        sharing=sharing, compare=opt.compare, precision=opt.precision)
+    request.check_for(spec)
+    if sharing is not None and sharing.mode == "anchor" and sharing.anchors >= opt.n_samples:
+        print(f"note: {sharing.anchors} anchors with {opt.n_samples} images per batch: every image is an "
+              "anchor, which is the same as --shared-attn-mode all", file=sys.stderr)
+    check_output_folder(opt.outdir)
+    return PreparedRun(request, spec, ckpt, choose_device(opt.device))
 
 
-# ---------------------------------------------------------------------------------------------------
-# The run loop
-# ---------------------------------------------------------------------------------------------------
-def sample_and_save(opt: argparse.Namespace, run: RunSetup, model: Any, base: dict[str, Any],
-                    sample_batch: SampleBatch) -> list[Path]:
-    """Generate n_iter rounds over the prompts, save each image (with `base` + its own metadata) and
-    the grid; returns the paths written. With --compare each batch is made without and with sharing."""
-    prompts, sharing = run.prompts, run.sharing
-    outdir = OutputFolder(opt.outdir)
-    sample_dir = OutputFolder(Path(opt.outdir) / "samples")
-    # With --prompt, every batch holds n_samples copies of it; with --from-file, consecutive prompts
-    # fill batches of n_samples and the last batch may be shorter.
-    prompt_batches = list(batches(prompts, opt.n_samples)) if opt.from_file else [[prompts[0]] * opt.n_samples]
-    variants = [("shared", sharing)] if sharing is not None else [("plain", None)]
-    if opt.compare:
-        variants = [("no sharing", None), ("shared", sharing)]
+class ProgressBar:
+    """A tqdm bar over every sampler step of the run, fed by `generate`'s progress callback."""
 
-    written: list[Path] = []
-    rows, row_labels = [], []  # one row per batch and variant
-    image_count = 0
-    with precision_scope(opt.precision, run.device):
-        for iteration in tqdm(range(opt.n_iter), desc="iterations", disable=opt.n_iter == 1):
-            position = 0
-            for batch_prompts in tqdm(prompt_batches, desc="batches", disable=len(prompt_batches) == 1):
-                first = position if opt.fixed_code else image_count
-                seeds = [opt.seed + first + i for i in range(len(batch_prompts))]
-                for label, settings in variants:
-                    images = decode_to_images(model, sample_batch(batch_prompts, seeds, settings))
-                    for index, (image, prompt, seed) in enumerate(zip(images, batch_prompts, seeds)):
-                        metadata = {**base, "prompt": prompt, "seed": seed, "batch_seeds": seeds,
-                                    "batch_index": index, "iteration": iteration,
-                                    "shared_attention": settings.as_metadata() if settings else None}
-                        if not opt.skip_save:
-                            written.append(sample_dir.save(image, metadata))
-                    rows.append(images)
-                    row_labels.append(f"{label} (seeds {seeds[0]}-{seeds[-1]})")
-                image_count += len(batch_prompts)
-                position += len(batch_prompts)
+    def __init__(self) -> None:
+        self.bar: Optional[tqdm] = None
 
-    if not opt.skip_grid:
-        if opt.compare:  # labelled rows: each batch without and with sharing, same seeds
-            grid = image_grid(rows, row_labels=row_labels)
-        else:
-            per_row = opt.n_rows if opt.n_rows > 0 else opt.n_samples
-            grid = image_grid(list(batches([image for row in rows for image in row], per_row)))
-        grid_meta = {**base, "prompts": list(prompts), "first_seed": opt.seed, "compare": opt.compare}
-        written.append(outdir.save(grid, grid_meta, prefix="grid-", digits=4))
+    def __call__(self, progress: Progress) -> None:
+        if self.bar is None:
+            self.bar = tqdm(total=progress.batches * progress.steps, desc="sampling", unit="step")
+        self.bar.update(1)
+
+    def close(self) -> None:
+        if self.bar is not None:
+            self.bar.close()
+
+
+def run_generation(opt: argparse.Namespace, run: PreparedRun) -> list[Path]:
+    """Load the model, generate the request and save it; returns the files written."""
+    model = load_model(run.spec, run.ckpt, device=run.device, use_ema=opt.use_ema)
+    bar = ProgressBar()
+    try:
+        result = generate(model, run.request, progress=bar)
+    finally:
+        bar.close()
+    written = save_result(result, opt.outdir, samples=not opt.skip_save, grid=not opt.skip_grid,
+                          images_per_row=opt.n_rows if opt.n_rows > 0 else None)
     print(f"Your samples are ready and waiting for you here:\n{Path(opt.outdir).resolve()}")
     return written

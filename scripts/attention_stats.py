@@ -24,16 +24,18 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, run_cli  # noqa: E402
+from ldm.cli import (ArgumentParser, UsageError, check_checkpoint, choose_evaluated_model, model_spec,  # noqa: E402
+                     run_cli)
 from ldm.eval.attention_stats import AttentionRecorder, prediction_change  # noqa: E402
-from ldm.generation import choose_device, generate_latents  # noqa: E402
-from ldm.models.diffusion.ddim import DDIMSampler  # noqa: E402
+from ldm.generation import GenerationRequest, choose_device, generate, load_model  # noqa: E402
+
+FLAGS = {"prompt": "--prompt", "seed": "--seed", "batch_size": "--n_samples", "steps": "--steps", "scale": "--scale",
+         "device": "--device"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--demo", action="store_true", help="the shipped demo model (the default without --config)")
     parser.add_argument("--config", type=str, default=None, help="model config of another model")
     parser.add_argument("--ckpt", type=str, default=None, help="its checkpoint (.ckpt or .safetensors)")
@@ -48,8 +50,6 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     choose_evaluated_model(opt)
     if opt.n_samples < 2:
         raise UsageError(f"--n_samples must be at least 2 (sharing needs other images), got {opt.n_samples}")
-    if not 1 <= opt.steps <= 1000:
-        raise UsageError(f"--steps must be between 1 and 1000, got {opt.steps}")
     if opt.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {opt.threads}")
     return opt
@@ -57,23 +57,24 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     opt = parse_args(argv)
-    torch.set_num_threads(opt.threads)
-    config_path, ckpt_path = check_checkpoint(opt)
-    from ldm.checkpoint import load_model_from_config
+    # One set without sharing, DDIM with eta 0, in float32: what the statistics describe.
+    request = GenerationRequest(prompt=opt.prompt, seed=opt.seed, batch_size=opt.n_samples, sampler="ddim",
+                                steps=opt.steps, scale=opt.scale, precision="full")
+    spec = model_spec(opt)
+    request.check_for(spec)
+    ckpt_path = check_checkpoint(opt)
     device = choose_device(opt.device)
-    config = OmegaConf.load(config_path)
-    model = load_model_from_config(config, ckpt_path, device=device).float()  # fp16 files run in float32
-    params = config.model.params
-    shape = (int(params.channels), int(params.image_size), int(params.image_size))
-    seeds = [opt.seed + k for k in range(opt.n_samples)]
-    with AttentionRecorder(model, set_size=opt.n_samples) as recorder:
-        latents = generate_latents(model, DDIMSampler(model), [opt.prompt] * opt.n_samples, seeds, shape=shape,
-                                   steps=opt.steps, scale=opt.scale)
+    torch.set_num_threads(opt.threads)
+    model = load_model(spec, ckpt_path, device=device)
+    with AttentionRecorder(model.module, set_size=opt.n_samples) as recorder:
+        result = generate(model, request)
+    latents = torch.stack([sample.latent for sample in result.samples]).to(device)  # (B, C, h, w)
     summary = recorder.summary()
     with torch.no_grad():
-        conditioning = model.get_learned_conditioning([opt.prompt] * opt.n_samples)
-    for tag, change in prediction_change(model, latents, conditioning, list(summary)).items():
+        conditioning = model.module.get_learned_conditioning([opt.prompt] * opt.n_samples)
+    for tag, change in prediction_change(model.module, latents, conditioning, list(summary)).items():
         summary[tag]["prediction_change"] = change
+    seeds = result.samples[0].metadata["batch_seeds"]
     uniform = (opt.n_samples - 1) / opt.n_samples
     print(f"Self-attention of {ckpt_path.name}, {opt.prompt!r}, {opt.n_samples} images (seeds {seeds[0]}-{seeds[-1]}), "
           f"DDIM {opt.steps} steps, scale {opt.scale}; mean over layers, steps, heads and queries.")
@@ -88,4 +89,4 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, flags=FLAGS)

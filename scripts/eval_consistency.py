@@ -23,18 +23,24 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from omegaconf import OmegaConf  # noqa: E402
-
-from ldm.cli import (UsageError, check_checkpoint, choose_evaluated_model, resolve_path, run_cli,  # noqa: E402
-                     unet_without_weights)
+from ldm.cli import (ArgumentParser, UsageError, check_checkpoint, choose_evaluated_model, model_spec,  # noqa: E402
+                     resolve_path, run_cli)
+from ldm.errors import InvalidValue  # noqa: E402
 from ldm.eval.configurations import CONFIGURATION_SYNTAX, resolve_configurations  # noqa: E402
-from ldm.eval.consistency import DEFAULT_PROMPTS, EvalRequest, check_output_folder, evaluate  # noqa: E402
+from ldm.eval.consistency import DEFAULT_PROMPTS, EvalRequest, check_results_folder, evaluate  # noqa: E402
 from ldm.eval.jobs import SEED_STRIDE, Sampling  # noqa: E402
 from ldm.eval.metrics import named_attributes  # noqa: E402
+from ldm.generation.inputs import read_prompt_file  # noqa: E402
+from ldm.generation.model import choose_device  # noqa: E402
+
+# The flag that sets each field the library may name in an error.
+FLAGS = {"configs": "--configs", "prompt": "--prompts", "prompt_file": "--prompts", "features": "--features",
+         "feature_model": "--feature-model", "steps": "--steps", "scale": "--scale", "batch_size": "--set-size",
+         "device": "--device", "precision": "--precision"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     model = parser.add_argument_group("model (default: the demo model)")
     model.add_argument("--demo", action="store_true", help="the shipped demo model (the default without --config)")
     model.add_argument("--config", type=str, default=None, help="model config of another model")
@@ -76,44 +82,36 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
-def read_prompts(path: Optional[str]) -> tuple[str, ...]:
-    if path is None:
-        return DEFAULT_PROMPTS
-    try:
-        prompts = tuple(line.strip() for line in Path(path).read_text(encoding="utf-8").splitlines() if line.strip())
-    except (OSError, UnicodeDecodeError) as error:
-        raise UsageError(f"--prompts {path}: cannot read it ({error}); give a UTF-8 text file, "
-                         "one prompt per line") from None
-    if not prompts:
-        raise UsageError(f"--prompts {path} holds no prompts; write one prompt per line")
-    return prompts
-
-
 def build_request(opt: argparse.Namespace) -> EvalRequest:
     """Check every flag and file that can be checked before the model is loaded."""
     if not 1 <= opt.set_size <= SEED_STRIDE:
         raise UsageError(f"--set-size must be between 1 and {SEED_STRIDE}, got {opt.set_size}")
-    if not 1 <= opt.steps <= 1000:
-        raise UsageError(f"--steps must be between 1 and 1000, got {opt.steps}")
     if opt.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {opt.threads}")
     if (opt.features is None) != (opt.feature_model is None):
         raise UsageError("--features and --feature-model go together, e.g. --features clip --feature-model PATH")
-    outdir = Path(opt.outdir) if opt.outdir else None
-    check_output_folder(outdir)
-    prompts = read_prompts(opt.prompts)
+    seeds = parse_seeds(opt.seeds)
+    prompts = tuple(read_prompt_file(resolve_path(opt.prompts))) if opt.prompts else DEFAULT_PROMPTS
     if opt.features is None:
         for prompt in prompts:
             named_attributes(prompt)  # an ambiguous prompt is an error before anything runs
-    config_path, ckpt_path = check_checkpoint(opt)
-    config = OmegaConf.load(config_path)
-    configurations = resolve_configurations(opt.configs.split(","), unet_without_weights(config_path))
-    latent = config.model.params
-    shape = (int(latent.channels), int(latent.image_size), int(latent.image_size))  # (C, h, w) of the UNet
+    spec = model_spec(opt)
+    ckpt_path = check_checkpoint(opt)
+    configurations = resolve_configurations(opt.configs.split(","), spec.unet)
+    sampling = Sampling(opt.steps, opt.scale, opt.set_size, opt.precision)
+    for configuration in configurations:  # e.g. a step window that selects none of --steps
+        try:
+            sampling.request(prompts[0], 0, configuration.sharing).check_for(spec)
+        except InvalidValue as error:
+            if not error.field.startswith("sharing"):
+                raise
+            raise InvalidValue("configs", configuration.name, error.problem) from None
+    outdir = Path(opt.outdir) if opt.outdir else None
+    check_results_folder(outdir)
+    choose_device(opt.device)
     return EvalRequest(
-        config_path=config_path, ckpt_path=ckpt_path, configurations=tuple(configurations), prompts=prompts,
-        seeds=parse_seeds(opt.seeds), sampling=Sampling(shape, opt.steps, opt.scale, opt.set_size, opt.precision),
-        outdir=outdir, device=opt.device, use_ema=opt.use_ema,
+        config_path=spec.config_path, ckpt_path=ckpt_path, configurations=tuple(configurations), prompts=prompts,
+        seeds=seeds, sampling=sampling, outdir=outdir, device=opt.device, use_ema=opt.use_ema,
         features=opt.features, feature_model=opt.feature_model,
         classifier_path=resolve_path(opt.classifier) if opt.classifier else None, threads=opt.threads,
         synthetic_model=opt.demo)
@@ -128,4 +126,4 @@ def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, flags=FLAGS)

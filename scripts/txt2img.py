@@ -17,17 +17,13 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-import torch  # noqa: E402
-
-from ldm.cli import (UsageError, add_model_arguments, add_output_arguments, add_sampling_arguments,  # noqa: E402
-                     add_shared_attention_arguments, apply_model_defaults, check_latent_size, prepare_run,
-                     print_shared_attention_help, run_cli, run_metadata, sample_and_save)
-from ldm.generation import generate_latents, make_sampler  # noqa: E402
-from ldm.modules.shared_attention import SharedAttentionSettings  # noqa: E402
+from ldm.cli import (ArgumentParser, UsageError, add_model_arguments, add_output_arguments,  # noqa: E402
+                     add_sampling_arguments, add_shared_attention_arguments, apply_model_defaults,
+                     prepare_generation, print_shared_attention_help, run_cli, run_generation)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--prompt", type=str, nargs="?", default="a painting of a virus monster playing guitar",
                         help="the prompt to render")
     parser.add_argument("--from-file", type=str, default=None, help="a text file with one prompt per line")
@@ -51,18 +47,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     if opt.shared_attn == "help":
         print_shared_attention_help(opt)
         return []
-    run = prepare_run(opt)
-    check_latent_size(opt, run.unet_layout, opt.H, opt.W)
-    model = run.load_model(opt)
-    sampler = make_sampler(run.sampler_name, model)
-    shape = (opt.C, opt.H // opt.f, opt.W // opt.f)
-
-    def sample_batch(prompts: list[str], seeds: list[int], sharing: Optional[SharedAttentionSettings]) -> torch.Tensor:
-        return generate_latents(model, sampler, prompts, seeds, shape=shape, steps=opt.ddim_steps, scale=opt.scale,
-                                eta=opt.ddim_eta, negative_prompt=opt.negative_prompt, sharing=sharing, verbose=True)
-
-    base = run_metadata(opt, run.sampler_name, run.sharing)
-    return sample_and_save(opt, run, model, base, sample_batch)
+    return run_generation(opt, prepare_generation(opt))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,7 @@
 """Shared fixtures: tiny randomly initialised models with SD v1's layout, built from configs/tiny/."""
 from __future__ import annotations
 
+import importlib.util
 import math
 from pathlib import Path
 
@@ -67,3 +68,22 @@ def tiny_config():
 def tiny_unet(tiny_config):
     torch.manual_seed(0)
     return randomize_(instantiate_from_config(tiny_config.model.params.unet_config)).eval()
+
+
+@pytest.fixture(scope="session")
+def tiny_ckpt(tmp_path_factory, tiny_config) -> Path:
+    """configs/tiny with random weights (`randomize_`, seed 0) as a safetensors file."""
+    import safetensors.torch
+    torch.manual_seed(0)
+    model = randomize_(instantiate_from_config(tiny_config.model))
+    path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
+    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
+    return path
+
+
+def load_script(name: str):
+    """scripts/NAME.py as a module (the scripts are not a package)."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

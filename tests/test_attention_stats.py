@@ -1,8 +1,14 @@
-"""The self-attention diagnostic (ldm/eval/attention_stats.py, scripts/attention_stats.py)."""
+"""The self-attention diagnostic (ldm/eval/attention_stats.py, scripts/attention_stats.py).
+
+The statistics are checked against textbook versions written here (full softmax per image and head,
+explicit loops over image pairs), on hand-made inputs with known answers, and on what a tiny random
+model's self-attention layers actually receive during sampling (captured by hooks of this file), so
+that recording the wrong images (both guidance halves), the wrong layer or the wrong average fails.
+"""
 from __future__ import annotations
 
-import importlib.util
 import math
+from collections import defaultdict
 
 import pytest
 import safetensors.torch
@@ -11,11 +17,12 @@ from omegaconf import OmegaConf
 
 from ldm.eval import attention_stats
 from ldm.eval.attention_stats import AttentionRecorder, attention_statistics, output_similarity
-from ldm.generation import UsageError, generate_latents
+from ldm.cli import UsageError
+from ldm.generation import generate_latents
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.modules.shared_attention import tagged_layers
 from ldm.util import instantiate_from_config
-from tests.conftest import ROOT, TINY_CONFIG, randomize_
+from tests.conftest import TINY_CONFIG, load_script, randomize_
 
 
 def direct_statistics(q, k, scale):
@@ -86,6 +93,53 @@ def tiny_model():
     return randomize_(instantiate_from_config(OmegaConf.load(TINY_CONFIG).model)).eval()
 
 
+def direct_output_similarity(out):
+    """Mean cosine, over ordered pairs of different images, of their outputs at the same token; out (B, N, C)."""
+    batch = out.shape[0]
+    pairs = [torch.nn.functional.cosine_similarity(out[i], out[j], dim=-1).mean()
+             for i in range(batch) for j in range(batch) if i != j]
+    return torch.stack(pairs).mean().item()
+
+
+def test_recorder_averages_the_conditional_images_of_every_call(tiny_model):
+    """Reference: hooks that keep what each attn1 receives and returns; statistics of the last `set_size`
+    images (the conditional half of the guided batch), averaged over the group's layers and calls."""
+    unet = tiny_model.model.diffusion_model
+    inputs, outputs = defaultdict(list), defaultdict(list)
+
+    def keep(module, args, out) -> None:
+        inputs[module].append(args[0].detach())
+        outputs[module].append(out.detach())
+
+    handles = [layer.register_forward_hook(keep) for _, layer in tagged_layers(unet)]
+    shape = (tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
+    try:
+        with AttentionRecorder(tiny_model, set_size=2) as recorder:
+            generate_latents(tiny_model, DDIMSampler(tiny_model), ["a chair"] * 2, [0, 1], shape=shape, steps=2,
+                             scale=3.0)
+    finally:
+        for handle in handles:
+            handle.remove()
+    expected = defaultdict(list)
+    for layer, calls in inputs.items():
+        for x, out in zip(calls, outputs[layer]):
+            assert x.shape[0] == 4  # guided: [unconditional; conditional], 2 images each
+            conditional = x[2:]
+            q = layer.to_q(conditional).unflatten(-1, (layer.heads, -1)).transpose(1, 2)  # (2, heads, N, d)
+            k = layer.to_k(conditional).unflatten(-1, (layer.heads, -1)).transpose(1, 2)
+            entropy, other = direct_statistics(q, k, layer.scale) if q.shape[2] > 1 else (math.nan, math.nan)
+            expected[layer.tag].append((entropy, other, direct_output_similarity(out[2:])))
+    summary = recorder.summary()
+    assert list(summary) == list(expected)
+    for tag, rows in expected.items():
+        entropy, other, similarity = (sum(column) / len(column) for column in zip(*rows))
+        if not math.isnan(entropy):
+            assert summary[tag]["entropy"] == pytest.approx(entropy, rel=1e-4)
+            assert summary[tag]["other_mass"] == pytest.approx(other, rel=1e-4)
+        assert summary[tag]["output_similarity"] == pytest.approx(similarity, rel=1e-4, abs=1e-6)
+        assert summary[tag]["calls"] == len(rows)
+
+
 def test_recorder_sees_every_group_at_every_step_and_leaves_no_hooks(tiny_model):
     unet = tiny_model.model.diffusion_model
     shape = (tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
@@ -105,29 +159,35 @@ def test_recorder_sees_every_group_at_every_step_and_leaves_no_hooks(tiny_model)
     assert all(not layer._forward_pre_hooks and not layer._forward_hooks for _, layer in tagged_layers(unet))
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("attention_stats_script", ROOT / "scripts" / "attention_stats.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_reports_every_group_of_a_tiny_checkpoint(tiny_model, tmp_path, capsys):
     ckpt = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(ckpt))
-    summary = load_script().main(["--config", str(TINY_CONFIG), "--ckpt", str(ckpt), "--steps", "2",
-                                  "--n_samples", "2", "--device", "cpu"])
+    summary = load_script("attention_stats").main(["--config", str(TINY_CONFIG), "--ckpt", str(ckpt), "--steps", "2",
+                                                   "--n_samples", "2", "--seed", "5", "--device", "cpu"])
     tags = list(dict.fromkeys(layer.tag for _, layer in tagged_layers(tiny_model.model.diffusion_model)))
     assert list(summary) == tags
     printed = capsys.readouterr().out
-    assert all(f"| `{tag}` |" in printed for tag in tags)
-    assert "prediction change if shared alone" in printed
-    assert all(row["prediction_change"] >= 0.0 for row in summary.values())
+    for tag, row in summary.items():
+        assert f"| `{tag}` | {row['calls']} |" in printed and f"| {row['prediction_change']:.4f} |" in printed
+    assert "prediction change if shared alone" in printed and "(seeds 5-6)" in printed
+    # The same set made here directly (DDIM, seeds 5 and 6, the script's scale): the script's numbers are its.
+    from ldm.eval.attention_stats import prediction_change
+    shape = (tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
+    with AttentionRecorder(tiny_model, set_size=2) as recorder:
+        latents = generate_latents(tiny_model, DDIMSampler(tiny_model), ["a chair"] * 2, [5, 6], shape=shape,
+                                   steps=2, scale=7.5)
+    with torch.no_grad():
+        conditioning = tiny_model.get_learned_conditioning(["a chair"] * 2)
+    direct = prediction_change(tiny_model, latents, conditioning, tags)
+    for tag, row in recorder.summary().items():
+        assert summary[tag]["other_mass"] == pytest.approx(row["other_mass"], rel=1e-5)
+        assert summary[tag]["prediction_change"] == pytest.approx(direct[tag], rel=1e-4, abs=1e-7)
+    assert max(row["prediction_change"] for row in summary.values()) > 1e-3
 
 
 def test_script_refuses_a_set_of_one():
     with pytest.raises(UsageError, match="--n_samples must be at least 2"):
-        load_script().parse_args(["--demo", "--n_samples", "1"])
+        load_script("attention_stats").parse_args(["--demo", "--n_samples", "1"])
 
 
 def test_prediction_change_is_zero_for_identical_images_and_leaves_sharing_off(tiny_model):

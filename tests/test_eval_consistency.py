@@ -10,7 +10,6 @@ called directly. One test launches 2 processes with torch.distributed.run (gloo,
 from __future__ import annotations
 
 import csv
-import importlib.util
 import json
 import math
 import os
@@ -34,22 +33,16 @@ from ldm.eval.jobs import Sampling, SetRunner, image_seeds, make_jobs
 from ldm.eval.metrics import (attribute_metrics, mean_pairwise_cosine, pairwise_agreement, spread,
                               unspecified_attributes)
 from ldm.eval.distributed import ProcessGroup, shard
-from ldm.generation import UsageError, decode_to_images, generate_latents, make_sampler
+from ldm.errors import InvalidValue
+from ldm.generation import LoadedModel, decode_to_images, generate_latents, make_sampler
 from ldm.util import instantiate_from_config
-from tests.conftest import ROOT, TINY_CONFIG, randomize_
+from tests.conftest import ROOT, TINY_CONFIG, load_script, randomize_
 
 SCRIPT = ROOT / "scripts" / "eval_consistency.py"
 PROMPTS = ("a chair", "a red vase")
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("eval_consistency_script", SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
-eval_script = load_script()
+eval_script = load_script("eval_consistency")
 
 
 def read_csv(path: Path) -> list[dict[str, str]]:
@@ -108,9 +101,10 @@ def test_attribute_metrics_split_named_and_open_attributes():
     assert m["spread_x"] == 0.0 and m["spread_y"] == pytest.approx(0.1) and m["spread_size"] == 0.0
 
 
-def test_ambiguous_prompt_is_a_usage_error():
-    with pytest.raises(UsageError, match="two values"):
+def test_ambiguous_prompt_is_an_error_naming_the_prompt():
+    with pytest.raises(InvalidValue, match="two values") as error:
         unspecified_attributes("a red blue chair")
+    assert (error.value.field, error.value.value) == ("prompt", "a red blue chair")
 
 
 # ----------------------------------------------------------------------------- configurations and jobs
@@ -127,9 +121,10 @@ def test_configuration_specs_set_window_strength_and_anchors():
 
 
 @pytest.mark.parametrize("spec", ["up@sometimes", "all@0.5:0.2", "all@anchor=0"])
-def test_bad_configuration_spec_is_a_usage_error(spec):
-    with pytest.raises(UsageError, match="Syntax"):
+def test_bad_configuration_spec_is_an_error_naming_it(spec):
+    with pytest.raises(InvalidValue, match="Syntax") as error:
         parse_configuration(spec)
+    assert (error.value.field, error.value.value) == ("configs", spec)
 
 
 def test_default_configurations_cover_paths_levels_anchor_and_window(tiny_unet):
@@ -140,8 +135,8 @@ def test_default_configurations_cover_paths_levels_anchor_and_window(tiny_unet):
     assert extra == [*names, "up@0:0.3"]
 
 
-def test_unknown_group_is_a_usage_error(tiny_unet):
-    with pytest.raises(UsageError, match="valid names"):
+def test_unknown_group_is_an_error_listing_the_valid_names(tiny_unet):
+    with pytest.raises(InvalidValue, match="valid names"):
         resolve_configurations(["up.128"], tiny_unet)
 
 
@@ -165,7 +160,7 @@ def test_output_folder_is_never_reused(tmp_path, monkeypatch):
     first, second = create_output_folder(None), create_output_folder(None)
     assert (first.name, second.name) == ("run-0000", "run-0001")
     (first / "results.md").write_text("earlier results")
-    with pytest.raises(UsageError, match="never overwrites"):
+    with pytest.raises(FileExistsError, match="never overwrites"):
         create_output_folder(first)
     assert create_output_folder(second) == second  # empty: fine
 
@@ -235,6 +230,11 @@ def test_outputs_are_written_and_well_formed(single_run):
     for name in ("grid-00-off.png", "grid-01-all.png"):
         with Image.open(single_run / name) as grid:
             assert grid.height == len(PROMPTS) * 64 and grid.width > 2 * 64  # rows = sets, label strip
+            cells = np.asarray(grid.convert("RGB"), dtype=np.int16)[:, -2 * 64:]  # (sets * 64, 2 * 64, 3)
+        for row in range(len(PROMPTS)):
+            for column in range(2):  # every image the study measured is a picture, not a constant square
+                cell = cells[row * 64:(row + 1) * 64, column * 64:(column + 1) * 64]
+                assert cell.max() - cell.min() > 64 and cell.std() > 10, (name, row, column)
 
 
 def test_change_from_off_is_paired_by_seed():
@@ -283,16 +283,16 @@ def test_sharing_changes_the_images(single_run):
 
 def test_sets_of_one_image_are_the_same_in_every_configuration(tiny_model, tiny_unet):
     configurations = resolve_configurations(None, tiny_unet)
-    runner = SetRunner(tiny_model, make_sampler("ddim", tiny_model), None, configurations,
-                       Sampling((4, 8, 8), steps=2, scale=3.0, set_size=1), torch.device("cpu"))
-    images = {c.name: np.asarray(runner.images("a chair", [7], c.sharing)[0]) for c in configurations}
+    runner = SetRunner(LoadedModel.wrap(tiny_model), None, configurations, Sampling(steps=2, scale=3.0, set_size=1),
+                       torch.device("cpu"))
+    images = {c.name: np.asarray(runner.images("a chair", 7, c.sharing)[0]) for c in configurations}
     for name, image in images.items():
         assert np.array_equal(image, images["off"]), name
 
 
 def test_existing_outdir_with_files_is_refused(run_args, tmp_path):
     (tmp_path / "old.txt").write_text("keep me")
-    with pytest.raises(UsageError, match="never overwrites"):
+    with pytest.raises(FileExistsError, match="never overwrites"):
         eval_script.main([*run_args, "--outdir", str(tmp_path)])
     assert (tmp_path / "old.txt").read_text() == "keep me"
 
@@ -367,8 +367,8 @@ def test_feature_model_scores_match_the_model_called_directly(kind, tiny_model, 
             assert row["text_image"] == ""
 
 
-def test_missing_feature_model_is_a_usage_error(run_args, tmp_path):
-    with pytest.raises(UsageError, match="(?i)nothing is downloaded"):
+def test_missing_feature_model_is_an_error_saying_nothing_is_downloaded(run_args, tmp_path):
+    with pytest.raises(InvalidValue, match="(?i)nothing is downloaded"):
         eval_script.main([*run_args, "--features", "dino", "--feature-model", str(tmp_path / "absent"),
                           "--outdir", str(tmp_path / "out")])
 

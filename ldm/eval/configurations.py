@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ldm.generation import UsageError
+from ldm.errors import InvalidValue
 from ldm.modules.shared_attention import PATHS, SharedAttentionSettings, select_layers, valid_group_names
 
 
@@ -52,7 +52,8 @@ def parse_configuration(spec: str) -> Configuration:
                 raise ValueError(f"unknown option {option!r}")
         return Configuration(name, SharedAttentionSettings(**values))
     except ValueError as error:
-        raise UsageError(f"configuration {name!r}: {error}. Syntax: {CONFIGURATION_SYNTAX}") from None
+        problem = error.problem if isinstance(error, InvalidValue) else str(error)
+        raise InvalidValue("configs", name, f"{problem}. Syntax: {CONFIGURATION_SYNTAX}") from None
 
 
 def default_configuration_specs(unet: torch.nn.Module) -> list[str]:
@@ -76,13 +77,13 @@ def resolve_configurations(specs: Optional[Sequence[str]], unet: torch.nn.Module
         expanded += default_configuration_specs(unet) if spec.strip() == "default" else [spec.strip()]
     duplicates = sorted({s for s in expanded if expanded.count(s) > 1})
     if duplicates:
-        raise UsageError(f"configuration(s) {', '.join(duplicates)} listed twice (note 'default' already holds "
-                         f"{', '.join(default_configuration_specs(unet))})")
+        raise InvalidValue("configs", ",".join(duplicates), "listed twice (note 'default' already holds "
+                                                            f"{', '.join(default_configuration_specs(unet))})")
     configurations = [parse_configuration(spec) for spec in expanded]
     for configuration in configurations:
         if configuration.sharing is not None:
             try:
                 select_layers(unet, configuration.sharing.groups)
             except ValueError as error:
-                raise UsageError(f"configuration {configuration.name!r}: {error}") from None
+                raise InvalidValue("configs", configuration.name, str(error)) from None
     return configurations

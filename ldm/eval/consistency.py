@@ -33,7 +33,6 @@ The parts, each in its own module of `ldm.eval`:
 """
 from __future__ import annotations
 
-import re
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -44,7 +43,7 @@ from ldm.eval.configurations import Configuration
 from ldm.eval.instruments import AttributeInstrument, FeatureModelInstrument
 from ldm.eval.jobs import SEED_STRIDE, Sampling, SetRunner, make_jobs
 from ldm.eval.report import write_report
-from ldm.generation import UsageError
+from ldm.generation.outputs import check_output_folder, new_numbered_folder
 
 DEFAULT_PROMPTS = ("a chair", "a table", "a lamp", "a vase", "a red chair", "a striped vase")
 DEFAULT_OUTPUT_ROOT = Path("outputs") / "consistency"
@@ -70,28 +69,21 @@ class EvalRequest:
     synthetic_model: bool = True  # a model trained on ldm.data.synthetic, which the classifier reads
 
 
-def check_output_folder(outdir: Optional[Path]) -> None:
-    """Refuse an `outdir` that holds anything: results are never overwritten."""
+def check_results_folder(outdir: Optional[Path]) -> None:
+    """Refuse an `outdir` that holds anything (results are never overwritten) or cannot be written."""
     if outdir is not None and outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
-        raise UsageError(f"--outdir {outdir} already exists and is not an empty folder; this script never "
-                         "overwrites results: choose a new folder or leave --outdir out for a numbered one")
+        raise FileExistsError(f"output folder {outdir} already exists and is not an empty folder; this run never "
+                              "overwrites results: choose a new folder, or none for a numbered one")
+    check_output_folder(outdir if outdir is not None else DEFAULT_OUTPUT_ROOT)
 
 
 def create_output_folder(outdir: Optional[Path]) -> Path:
     """`outdir` if it does not exist or is empty; without one, the next outputs/consistency/run-NNNN."""
-    if outdir is not None:
-        check_output_folder(outdir)
-        outdir.mkdir(parents=True, exist_ok=True)
-        return outdir
-    DEFAULT_OUTPUT_ROOT.mkdir(parents=True, exist_ok=True)
-    numbers = [int(m.group(1)) for p in DEFAULT_OUTPUT_ROOT.iterdir() if (m := re.fullmatch(r"run-(\d+)", p.name))]
-    number = max(numbers, default=-1) + 1
-    while True:
-        try:
-            (DEFAULT_OUTPUT_ROOT / f"run-{number:04d}").mkdir()  # exclusive: a concurrent run takes the next
-            return DEFAULT_OUTPUT_ROOT / f"run-{number:04d}"
-        except FileExistsError:
-            number += 1
+    if outdir is None:
+        return new_numbered_folder(DEFAULT_OUTPUT_ROOT, "run-")
+    check_results_folder(outdir)
+    outdir.mkdir(parents=True, exist_ok=True)
+    return outdir
 
 
 def _instrument(request: EvalRequest, device: torch.device) -> Any:
@@ -118,10 +110,8 @@ def _notes(request: EvalRequest) -> list[str]:
 
 def evaluate(request: EvalRequest) -> Optional[Path]:
     """Generate and measure every job, write the report; returns the output folder (None on ranks > 0)."""
-    from ldm.checkpoint import load_model_from_config
     from ldm.eval.distributed import broadcast_from_main, gather_to_main, process_group, shard
-    from ldm.generation import choose_device, make_sampler
-    from omegaconf import OmegaConf
+    from ldm.generation.model import choose_device, load_model, precision_used
     from tqdm import tqdm
 
     previous_threads = torch.get_num_threads()
@@ -130,20 +120,18 @@ def evaluate(request: EvalRequest) -> Optional[Path]:
         with process_group(choose_device(request.device)) as group:
             instrument = _instrument(request, group.device)  # before the slow model load: it may be missing
             torch.manual_seed(0)  # nothing should draw from the global generator; a stray draw stays reproducible
-            model = load_model_from_config(OmegaConf.load(request.config_path), request.ckpt_path,
-                                           use_ema=request.use_ema, device=group.device,
-                                           verbose=group.is_main).float()  # fp16 files run in float32
-            runner = SetRunner(model, make_sampler("ddim", model), instrument, request.configurations,
-                               request.sampling, group.device)
+            model = load_model(request.config_path, request.ckpt_path, use_ema=request.use_ema, device=group.device,
+                               verbose=group.is_main)
+            runner = SetRunner(model, instrument, request.configurations, request.sampling, group.device)
             outcome: tuple[Optional[str], Optional[str]] = (None, None)
             if group.is_main:
                 try:
                     outcome = (str(create_output_folder(request.outdir)), None)
-                except UsageError as error:
+                except OSError as error:
                     outcome = (None, str(error))
             folder, error = broadcast_from_main(outcome, group)  # every rank stops on rank 0's error
             if error:
-                raise UsageError(error)
+                raise FileExistsError(error)
             jobs = shard(make_jobs(request.configurations, request.seeds, request.prompts), group)
             runner.warm_up(request.prompts[0])
             mine = [runner.run(job, keep_images=job.seed == request.seeds[0])
@@ -151,14 +139,15 @@ def evaluate(request: EvalRequest) -> Optional[Path]:
             results = gather_to_main(mine, group)
             if not group.is_main:
                 return None
-            on_cuda_in_half = request.sampling.precision == "autocast" and group.device.type == "cuda"
+            native = model.geometry.native_size
             run_info = {
-                "config": str(request.config_path), "ckpt": request.ckpt_path.name, "sampler": "ddim", "eta": 0.0,
+                "config": str(request.config_path), "ckpt": request.ckpt_path.name,
+                "ckpt_fingerprint": model.source["ckpt_fingerprint"], "sampler": "ddim", "eta": 0.0,
                 "steps": request.sampling.steps, "scale": request.sampling.scale,
-                "set_size": request.sampling.set_size, "latent_shape": list(request.sampling.shape),
+                "set_size": request.sampling.set_size, "latent_shape": list(model.geometry.latent_shape(native, native)),
                 "prompts": list(request.prompts), "seeds": list(request.seeds), "seed_stride": SEED_STRIDE,
                 "instrument": runner.instrument.description, "device": str(group.device),
-                "precision": "float16 autocast" if on_cuda_in_half else "float32", "threads": request.threads,
+                "precision": precision_used(request.sampling.precision, group.device), "threads": request.threads,
                 "processes": group.world_size, "torch": torch.__version__,
             }
             write_report(Path(folder), results, request.configurations, run_info, _notes(request))

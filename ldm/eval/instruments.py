@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from PIL import Image
 
 from ldm.eval.metrics import NAMED_ATTRIBUTES, attribute_metrics, blank_metrics, mean_pairwise_cosine
-from ldm.generation import UsageError
+from ldm.errors import InvalidValue
 
 
 def images_to_tensor(images: Sequence[Image.Image]) -> torch.Tensor:
@@ -53,16 +53,16 @@ class FeatureModelInstrument:
     def load(cls, kind: str, name_or_path: str, device: torch.device) -> "FeatureModelInstrument":
         import transformers
         if kind not in ("dino", "clip"):
-            raise UsageError(f"--features {kind!r} is not known; use dino or clip")
+            raise InvalidValue("features", kind, "is not known; use dino or clip")
         model_class, processor_class = ((transformers.CLIPModel, transformers.CLIPProcessor) if kind == "clip"
                                         else (transformers.AutoModel, transformers.AutoImageProcessor))
         try:
             processor = processor_class.from_pretrained(name_or_path, local_files_only=True)
             model = model_class.from_pretrained(name_or_path, local_files_only=True)
         except (OSError, ValueError) as error:
-            raise UsageError(f"--feature-model {name_or_path}: cannot load a {kind} model from local files "
-                             f"({error}). Nothing is downloaded: give a folder written by save_pretrained or "
-                             "a hub id already in the Hugging Face cache") from None
+            raise InvalidValue("feature_model", name_or_path, f"cannot load a {kind} model from local files "
+                               f"({error}). Nothing is downloaded: give a folder written by save_pretrained or "
+                               "a hub id already in the Hugging Face cache") from None
         return cls(kind, model, processor, device)
 
     @staticmethod

@@ -2,9 +2,9 @@
 
 A job is one (configuration, seed, prompt set); image i of the set with seed s starts from the noise
 of seed `s * SEED_STRIDE + i`, the same in every configuration, so differences between configurations
-come from sharing alone. `SetRunner` generates a job's set in one batch (DDIM, eta 0, latents (C, h, w)
-per image), times sampling and decoding, and measures the images with an instrument
-(`ldm.eval.instruments`).
+come from sharing alone. `SetRunner` generates a job's set in one batch through the generation core
+(`ldm.generation.generate`: DDIM, eta 0, the model's native size), times sampling and decoding, and
+measures the images with an instrument (`ldm.eval.instruments`).
 """
 from __future__ import annotations
 
@@ -19,7 +19,9 @@ import torch
 from PIL import Image
 
 from ldm.eval.configurations import Configuration
-from ldm.generation import decode_to_images, generate_latents, precision_scope
+from ldm.generation.generate import generate
+from ldm.generation.model import LoadedModel
+from ldm.generation.request import GenerationRequest
 from ldm.modules.shared_attention import SharedAttentionSettings
 
 SEED_STRIDE = 1000  # image i of the set with seed s uses seed s * SEED_STRIDE + i
@@ -59,13 +61,19 @@ class SetResult:
 
 @dataclass(frozen=True)
 class Sampling:
-    """How every set is generated: DDIM with eta 0, latents of `shape` (C, h, w)."""
+    """How every set is generated: DDIM with eta 0, `set_size` images at the model's native size."""
 
-    shape: tuple[int, int, int]
     steps: int
     scale: float
     set_size: int
     precision: str = "full"
+
+    def request(self, prompt: str, first_seed: int, sharing: Optional[SharedAttentionSettings],
+                steps: Optional[int] = None) -> GenerationRequest:
+        """The generation of one set: image i from seed first_seed + i."""
+        return GenerationRequest(prompt=prompt, seed=first_seed, batch_size=self.set_size, sampler="ddim",
+                                 steps=steps or self.steps, scale=self.scale, eta=0.0, sharing=sharing,
+                                 precision=self.precision)
 
 
 def reset_peak_memory(device: torch.device) -> None:
@@ -91,25 +99,21 @@ def png_bytes(image: Image.Image) -> bytes:
 
 
 class SetRunner:
-    """Generates and measures jobs with one model, sampler and instrument."""
+    """Generates and measures jobs with one model and instrument."""
 
-    def __init__(self, model: Any, sampler: Any, instrument: Any, configurations: Sequence[Configuration],
+    def __init__(self, model: LoadedModel, instrument: Any, configurations: Sequence[Configuration],
                  sampling: Sampling, device: torch.device) -> None:
-        self.model, self.sampler, self.instrument = model, sampler, instrument
+        self.model, self.instrument = model, instrument
         self.sampling, self.device = sampling, device
         self.sharing = {c.name: c.sharing for c in configurations}
 
-    def images(self, prompt: str, seeds: Sequence[int], sharing: Optional[SharedAttentionSettings],
+    def images(self, prompt: str, first_seed: int, sharing: Optional[SharedAttentionSettings],
                steps: Optional[int] = None) -> list[Image.Image]:
-        s = self.sampling
-        with precision_scope(s.precision, self.device):
-            latents = generate_latents(self.model, self.sampler, [prompt] * len(seeds), list(seeds), shape=s.shape,
-                                       steps=steps or s.steps, scale=s.scale, sharing=sharing)
-            return decode_to_images(self.model, latents)
+        return generate(self.model, self.sampling.request(prompt, first_seed, sharing, steps)).images
 
     def warm_up(self, prompt: str) -> None:
         """One short untimed run, so the first configuration's time does not include first-call costs."""
-        self.images(prompt, image_seeds(0, self.sampling.set_size), None, steps=1)
+        self.images(prompt, image_seeds(0, self.sampling.set_size)[0], None, steps=1)
 
     def run(self, job: Job, keep_images: bool) -> SetResult:
         seeds = image_seeds(job.seed, self.sampling.set_size)
@@ -117,7 +121,7 @@ class SetRunner:
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        images = self.images(job.prompt, seeds, self.sharing[job.configuration])
+        images = self.images(job.prompt, seeds[0], self.sharing[job.configuration])
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         seconds = time.perf_counter() - start

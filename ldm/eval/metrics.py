@@ -17,7 +17,7 @@ import torch
 import torch.nn.functional as F
 
 from ldm.data.synthetic import parse_prompt
-from ldm.generation import UsageError
+from ldm.errors import InvalidValue
 
 NAMED_ATTRIBUTES = ("cls", "colour", "pattern")  # what a prompt may name (`parse_prompt` keys)
 LAYOUT_TARGETS = ("x", "y", "size")
@@ -81,7 +81,7 @@ def named_attributes(prompt: str) -> dict[str, str]:
     try:
         return {k: v for k, v in parse_prompt(prompt).items() if v is not None}
     except ValueError as error:
-        raise UsageError(f"{error}; change or drop the prompt") from None
+        raise InvalidValue("prompt", prompt, f"{error}; change or drop the prompt") from None
 
 
 def unspecified_attributes(prompt: str) -> tuple[str, ...]:

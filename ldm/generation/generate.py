@@ -1,0 +1,196 @@
+"""`generate(model, request)`: the one place that turns a request into images with their metadata.
+
+It owns the parts every front end would otherwise repeat: the request's check against the model,
+the batches and their seeds (`GenerationRequest.batches`), guidance and the sharing scope (through
+`ldm.generation.sampling`), the comparison without sharing, the precision scope, decoding, and the
+finite checks: latents and pixels that are NaN or infinite never become a silent black image but a
+`NonFiniteError` that names the cause (a damaged weight tensor, found by scanning the weights only
+then, or arithmetic that overflowed). Nothing is written to disk here (`ldm.generation.outputs`).
+
+Metadata: every image gets a JSON-ready dict with everything that reproduces it (prompt and its
+batch's prompts, seed and batch seeds, sampler, steps, scale, eta, size, latent C and f, the precision
+actually computed in, shared-attention settings, and the model's source: config, checkpoint name and
+content fingerprint, EMA); img2img adds strength, encode steps and the init image's name.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from itertools import chain
+from typing import Any, Callable, Optional
+
+import torch
+from PIL import Image
+
+from ldm.generation.images import image_grid, image_to_tensor, tensor_to_images
+from ldm.generation.model import LoadedModel, precision_scope, precision_used
+from ldm.generation.request import Batch, GenerationRequest
+from ldm.generation.sampling import (decode_latents, encode_init_image, generate_latents, img2img_latents,
+                                     make_sampler)
+from ldm.modules.shared_attention import SharedAttentionSettings
+
+# A guidance scale above this is named as the likely cause when sampling overflows with finite weights.
+USUAL_MAX_SCALE = 30.0
+
+
+class NonFiniteError(RuntimeError):
+    """Sampling or decoding produced NaN or infinite values; the message names the likely cause."""
+
+
+@dataclass(frozen=True)
+class Progress:
+    """Where a run stands, reported after every sampler step."""
+
+    batch: int  # 0-based index among all batches of the run (a compared batch counts twice)
+    batches: int
+    step: int  # steps done in this batch, 1..steps
+    steps: int
+
+
+ProgressCallback = Callable[[Progress], None]
+
+
+@dataclass(frozen=True)
+class GeneratedImage:
+    image: Image.Image
+    metadata: dict[str, Any]
+    latent: torch.Tensor  # (C, h, w) on the CPU: what was decoded into `image`
+
+
+@dataclass(frozen=True)
+class BatchImages:
+    """One batch of one variant ("shared", "plain", or "no sharing" beside "shared" when comparing)."""
+
+    label: str
+    images: tuple[GeneratedImage, ...]
+
+    @property
+    def row_label(self) -> str:
+        seeds = self.images[0].metadata["batch_seeds"]
+        return f"{self.label} (seeds {seeds[0]}-{seeds[-1]})"
+
+
+@dataclass(frozen=True)
+class GenerationResult:
+    request: GenerationRequest
+    batches: tuple[BatchImages, ...]  # in order: iteration, batch, variant
+    metadata: dict[str, Any]  # the run's settings, for the grid
+
+    @property
+    def samples(self) -> list[GeneratedImage]:
+        return [image for batch in self.batches for image in batch.images]
+
+    @property
+    def images(self) -> list[Image.Image]:
+        return [sample.image for sample in self.samples]
+
+    def grid(self, images_per_row: Optional[int] = None) -> Image.Image:
+        """All images in one picture: with `compare`, one labelled row per batch and variant; otherwise
+        `images_per_row` (default: the batch size) images per row, in order."""
+        if self.request.compare:
+            return image_grid([[s.image for s in b.images] for b in self.batches],
+                              row_labels=[b.row_label for b in self.batches])
+        per_row = images_per_row or self.request.batch_size
+        images = self.images
+        return image_grid([images[i:i + per_row] for i in range(0, len(images), per_row)])
+
+
+def generate(model: LoadedModel, request: GenerationRequest,
+             progress: Optional[ProgressCallback] = None) -> GenerationResult:
+    """Generate every image of `request` with `model`; nothing is saved (see `save_result`)."""
+    request.check_for(model)
+    module = model.module
+    height, width = request.size_for(model.geometry)
+    run = run_metadata(model, request, height, width)
+    variants: list[tuple[str, Optional[SharedAttentionSettings]]] = [("plain", None)]
+    if request.sharing is not None:
+        variants = [("no sharing", None), ("shared", request.sharing)] if request.compare else [
+            ("shared", request.sharing)]
+    sampler = make_sampler(request.sampler, module)
+    init_latent = encode_init_image(module, image_to_tensor(request.init_image)) if request.img2img else None
+    plan = request.batches()
+    total = len(plan) * len(variants)
+    out: list[BatchImages] = []
+    with precision_scope(request.precision, model.device):
+        for batch in plan:
+            for label, sharing in variants:
+                callback = _step_reporter(progress, len(out), total, request.denoising_steps)
+                if init_latent is None:
+                    latents = generate_latents(module, sampler, batch.prompts, batch.seeds,
+                                               shape=model.geometry.latent_shape(height, width),
+                                               steps=request.steps, scale=request.scale, eta=request.eta,
+                                               negative_prompt=request.negative_prompt, sharing=sharing,
+                                               callback=callback)
+                else:
+                    latents = img2img_latents(module, sampler, init_latent, batch.prompts, batch.seeds,
+                                              steps=request.steps, strength=request.strength,
+                                              scale=request.scale, eta=request.eta,
+                                              negative_prompt=request.negative_prompt, sharing=sharing,
+                                              callback=callback)
+                out.append(_decoded(model, request, batch, label, sharing, latents, run))
+    grid_metadata = {**run, "prompts": list(request.prompts), "first_seed": request.seed,
+                     "compare": request.compare}
+    return GenerationResult(request, tuple(out), grid_metadata)
+
+
+def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, width: int) -> dict[str, Any]:
+    """The settings every image of the run shares (JSON-ready)."""
+    r = request
+    values = {
+        "sampler": r.sampler, "steps": r.steps, "scale": r.scale, "eta": r.eta, "H": height, "W": width,
+        "C": model.geometry.channels, "f": model.geometry.factor,
+        "precision": precision_used(r.precision, model.device), "negative_prompt": r.negative_prompt,
+        **model.source, "shared_attention": r.sharing.as_metadata() if r.sharing else None,
+    }
+    if r.img2img:
+        values.update(strength=r.strength, encode_steps=r.denoising_steps, init_image=r.init_image_name)
+    return json.loads(json.dumps(values, default=str))
+
+
+def _step_reporter(progress: Optional[ProgressCallback], batch: int, batches: int,
+                   steps: int) -> Optional[Callable[[int], None]]:
+    if progress is None:
+        return None
+    return lambda step_index: progress(Progress(batch, batches, step_index + 1, steps))
+
+
+def _decoded(model: LoadedModel, request: GenerationRequest, batch: Batch, label: str,
+             sharing: Optional[SharedAttentionSettings], latents: torch.Tensor, run: dict[str, Any]) -> BatchImages:
+    """Decode one batch's latents (B, C, h, w) into images with their metadata, refusing non-finite values."""
+    seeds = f"seeds {batch.seeds[0]}-{batch.seeds[-1]}"
+    if not bool(torch.isfinite(latents).all()):
+        raise NonFiniteError(f"sampling gave NaN or infinite latents for the images with {seeds}; "
+                             f"{nonfinite_cause(model, request)}. Nothing was decoded.")
+    pixels = decode_latents(model.module, latents)  # (B, 3, H, W)
+    if not bool(torch.isfinite(pixels).all()):
+        raise NonFiniteError(f"the autoencoder decoded the images with {seeds} to NaN or infinite pixels; "
+                             f"{nonfinite_cause(model, request)}.")
+    images = []
+    for index, (image, latent) in enumerate(zip(tensor_to_images(pixels), latents)):
+        metadata = {**run, "prompt": batch.prompts[index], "seed": batch.seeds[index],
+                    "batch_prompts": list(batch.prompts), "batch_seeds": list(batch.seeds), "batch_index": index,
+                    "iteration": batch.iteration, "shared_attention": sharing.as_metadata() if sharing else None}
+        images.append(GeneratedImage(image, json.loads(json.dumps(metadata, default=str)), latent.float().cpu()))
+    return BatchImages(label, tuple(images))
+
+
+def nonfinite_cause(model: LoadedModel, request: GenerationRequest) -> str:
+    """Why values went non-finite: a damaged weight (scanned only now, when it matters) or overflow."""
+    bad = first_nonfinite_tensor(model.module)
+    if bad is not None:
+        return (f"the model's weights are damaged: tensor {bad} holds NaN or infinite values (the checkpoint "
+                "is corrupt; download or convert it again)")
+    if abs(request.scale) > USUAL_MAX_SCALE:
+        return (f"every weight is finite, so the arithmetic overflowed: the guidance scale {request.scale:g} is "
+                f"far beyond the usual 1 to {USUAL_MAX_SCALE:g}; lower it")
+    used = precision_used(request.precision, model.device)
+    return f"every weight is finite, so the arithmetic overflowed in {used}" + (
+        "; try full precision" if used != "float32" else "")
+
+
+def first_nonfinite_tensor(module: torch.nn.Module) -> Optional[str]:
+    """The name of the first parameter or buffer holding NaN or infinity, or None when all are finite."""
+    for name, tensor in chain(module.named_parameters(), module.named_buffers()):
+        if tensor.is_floating_point() and not bool(torch.isfinite(tensor).all()):
+            return name
+    return None

@@ -1,0 +1,227 @@
+"""The model a generation runs on: read from its config before any weight loads, then loaded.
+
+- `read_model_spec(config)` -> `ModelSpec`: the YAML checked, its latent geometry (C, f, the UNet's
+  halvings and native size, all read from the config) and its self-attention layout (the UNet built
+  on the meta device: no weights, no memory), so that a request can be checked against the model
+  before the slow checkpoint load.
+- `load_model(config, ckpt)` -> `LoadedModel`: the LatentDiffusion module in float32 on a device, with
+  its geometry and a record of where it came from (config, checkpoint file name, content fingerprint,
+  EMA), which every generated image's metadata repeats.
+- `load_demo_model()`: the tiny model shipped in models/demo/.
+
+Config layout assumed (CompVis): model.params.{unet_config, first_stage_config, timesteps}; the
+autoencoder's latent channels are first_stage_config.params.embed_dim and its factor f is
+2 ** (len(ddconfig.ch_mult) - 1); the UNet halves its input len(channel_mult) - 1 times.
+"""
+from __future__ import annotations
+
+import contextlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+
+from ldm.errors import InvalidValue
+
+REPO_ROOT = Path(__file__).resolve().parents[2]
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "demo-inference.yaml"
+DEMO_CKPT = REPO_ROOT / "models" / "demo" / "demo.safetensors"
+UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)  # UNetModel's default, for configs that leave it out
+
+
+class ConfigError(ValueError):
+    """A config file that does not describe a model this project can build: bad YAML or missing entries."""
+
+
+@dataclass(frozen=True)
+class LatentGeometry:
+    """How image pixels map to the UNet's latents."""
+
+    channels: int  # C: latent channels of the autoencoder
+    factor: int  # f: image pixels per latent pixel along a side
+    unet_halvings: int  # how many times the UNet halves its input (and doubles it back)
+    native_latent_size: int  # the latent side the UNet was built for (its image_size)
+
+    @property
+    def pixel_multiple(self) -> int:
+        """Image sides must be multiples of this, so that every UNet level divides evenly."""
+        return self.factor * 2 ** self.unet_halvings
+
+    @property
+    def native_size(self) -> int:
+        """The image side the model was made for (512 for SD v1, 64 for the demo model)."""
+        return self.native_latent_size * self.factor
+
+    def latent_shape(self, height: int, width: int) -> tuple[int, int, int]:
+        """(C, H/f, W/f) of the latents of an H x W image."""
+        return (self.channels, height // self.factor, width // self.factor)
+
+    def check_size(self, height: int, width: int) -> None:
+        step = self.pixel_multiple
+        for name, pixels in (("height", height), ("width", width)):
+            if pixels % step:
+                suggestion = step * max(1, round(pixels / step))
+                raise InvalidValue(name, pixels, f"image sides must be multiples of {step} for this model (its "
+                                                 f"autoencoder factor {self.factor} times 2 ** {self.unet_halvings} "
+                                                 f"for the UNet's halvings); use e.g. {suggestion}")
+
+    @classmethod
+    def of_module(cls, module: nn.Module) -> "LatentGeometry":
+        """The geometry of a built LatentDiffusion module."""
+        from ldm.modules.shared_attention import find_unet
+        unet, first_stage = find_unet(module), module.first_stage_model
+        return cls(channels=int(first_stage.embed_dim), factor=2 ** (first_stage.decoder.num_resolutions - 1),
+                   unet_halvings=len(unet.channel_mult) - 1, native_latent_size=int(unet.image_size))
+
+
+@dataclass(frozen=True)
+class ModelSpec:
+    """What a config says about its model, checked, without weights."""
+
+    config_path: Path
+    config: Any = field(repr=False)  # the loaded OmegaConf config
+    geometry: LatentGeometry
+    unet: nn.Module = field(repr=False)  # the UNet on the meta device: levels and attention tags only
+    num_timesteps: int = 1000
+
+
+def read_model_spec(config_path: str | os.PathLike) -> ModelSpec:
+    """Load and check a model config; raises FileNotFoundError, IsADirectoryError or ConfigError."""
+    import yaml
+    from omegaconf import OmegaConf
+    from omegaconf.errors import OmegaConfBaseException
+
+    path = Path(config_path)
+    hint = "give the model's YAML file, e.g. configs/stable-diffusion/v1-inference.yaml"
+    if path.is_dir():
+        raise IsADirectoryError(f"config {path} is a folder; {hint}")
+    if not path.exists():
+        raise FileNotFoundError(f"config {path} does not exist; {hint}")
+    try:
+        config = OmegaConf.load(path)
+    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as error:
+        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        raise ConfigError(f"config {path} is not valid YAML ({first_line}); {hint}") from None
+    try:
+        params = config.model.params
+        first_stage = params.first_stage_config.params
+        unet_params = params.unet_config.params
+        geometry = LatentGeometry(
+            channels=int(first_stage.embed_dim), factor=2 ** (len(first_stage.ddconfig.ch_mult) - 1),
+            unet_halvings=len(unet_params.get("channel_mult", UNET_DEFAULT_CHANNEL_MULT)) - 1,
+            native_latent_size=int(unet_params.image_size))
+        num_timesteps = int(params.get("timesteps", 1000))
+    except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as error:
+        raise ConfigError(f"config {path} does not describe a latent diffusion model ({type(error).__name__}: "
+                          f"{str(error).splitlines()[0]}); it needs model.params with unet_config and "
+                          f"first_stage_config as in configs/stable-diffusion/v1-inference.yaml") from None
+    return ModelSpec(path, config, geometry, _unet_without_weights(path, params.unet_config), num_timesteps)
+
+
+def _unet_without_weights(path: Path, unet_config: Mapping[str, Any]) -> nn.Module:
+    """The config's UNet built on the meta device: its layout (levels, attention tags) without weights."""
+    from ldm.util import instantiate_from_config
+    try:
+        with torch.device("meta"):
+            return instantiate_from_config(unet_config)
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError) as error:
+        raise ConfigError(f"config {path}: cannot build its UNet from model.params.unet_config "
+                          f"({type(error).__name__}: {error})") from None
+
+
+@dataclass(frozen=True)
+class LoadedModel:
+    """A LatentDiffusion module ready to generate, its geometry and where it came from (`source`, JSON-ready)."""
+
+    module: nn.Module = field(repr=False)
+    geometry: LatentGeometry
+    source: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def wrap(cls, module: nn.Module, **source: Any) -> "LoadedModel":
+        """A module built or loaded elsewhere (a test's random model, say); `source` is free-form metadata."""
+        return cls(module, LatentGeometry.of_module(module), dict(source))
+
+    @property
+    def device(self) -> torch.device:
+        return self.module.device
+
+    @property
+    def unet(self) -> nn.Module:
+        from ldm.modules.shared_attention import find_unet
+        return find_unet(self.module)
+
+    @property
+    def num_timesteps(self) -> int:
+        return int(self.module.num_timesteps)
+
+
+def display_path(path: str | os.PathLike) -> str:
+    """A path as metadata shows it: relative to the repository when inside it, else as given."""
+    path = Path(path)
+    try:
+        return path.resolve().relative_to(REPO_ROOT).as_posix()
+    except ValueError:
+        return str(path)
+
+
+def load_model(config: str | os.PathLike | ModelSpec, ckpt: str | os.PathLike, *,
+               device: str | torch.device = "auto", use_ema: bool = False, verbose: bool = True) -> LoadedModel:
+    """Build the config's model and load `ckpt` into it (safely, memory-mapped), in float32 on `device`.
+
+    `config` is a YAML path or a `ModelSpec` already read; `device` "auto" picks cuda, then mps, then cpu.
+    """
+    import ldm.checkpoint  # looked up at call time: heavy, and tests may stand in their own loader
+    spec = config if isinstance(config, ModelSpec) else read_model_spec(config)
+    device = choose_device(device) if isinstance(device, str) else device
+    module = ldm.checkpoint.load_model_from_config(spec.config, ckpt, use_ema=use_ema, device=device,
+                                                   verbose=verbose)
+    # Weights run in float32 (a no-op for fp32 files); precision "autocast" gives float16 on CUDA.
+    module = module.float()
+    source = {"config": display_path(spec.config_path), "ckpt": Path(ckpt).name,
+              "ckpt_fingerprint": ldm.checkpoint.checkpoint_fingerprint(ckpt), "use_ema": use_ema}
+    return LoadedModel(module, spec.geometry, source)
+
+
+def load_demo_model(device: str | torch.device = "cpu", verbose: bool = False) -> LoadedModel:
+    """The tiny text-to-image model shipped in models/demo/ (64 px chairs, tables, lamps and vases)."""
+    if not DEMO_CKPT.exists():
+        raise FileNotFoundError(f"the demo model is missing at {DEMO_CKPT}; it ships with the repository, so "
+                                "restore it with git (git checkout -- models/demo)")
+    return load_model(DEMO_CONFIG, DEMO_CKPT, device=device, verbose=verbose)
+
+
+def _mps_available() -> bool:
+    return getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available()
+
+
+def choose_device(name: str = "auto") -> torch.device:
+    """'auto' picks cuda, then mps, then cpu; anything else must be available or it is an error."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        return torch.device("mps") if _mps_available() else torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except RuntimeError:
+        raise InvalidValue("device", name, "is not a device name; use auto, cpu, cuda, cuda:1 or mps") from None
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise InvalidValue("device", name, "CUDA is not available on this machine; use cpu or auto")
+    if device.type == "mps" and not _mps_available():
+        raise InvalidValue("device", name, "MPS is not available on this machine; use cpu or auto")
+    return device
+
+
+def precision_scope(precision: str, device: torch.device):
+    """'autocast' runs CUDA in float16 (as CompVis does); the CPU and MPS stay in float32."""
+    if precision == "autocast" and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.float16)
+    return contextlib.nullcontext()
+
+
+def precision_used(precision: str, device: torch.device) -> str:
+    """What `precision_scope` actually computes in: 'float16 autocast' or 'float32'."""
+    return "float16 autocast" if precision == "autocast" and device.type == "cuda" else "float32"

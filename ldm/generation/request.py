@@ -1,0 +1,225 @@
+"""What to generate: a frozen, checked request, and the batches it makes.
+
+A `GenerationRequest` is built once (by a script from its flags, by a notebook from keywords) and
+checked twice: its values on construction (`__post_init__`: finite numbers, ranges, combinations),
+and against a model's description before any weight loads (`check_for(spec)`: image size against the
+latent geometry, layer groups, number of timesteps). Every problem is an `InvalidValue` naming the
+request field (`eta`, `sharing.steps`, ...).
+
+Seeds: image k of a run (counting every image of every batch and iteration, in order) starts from
+seed `seed + k`; with `fixed_code` every iteration starts again at `seed`. With `compare` each batch
+is also generated without sharing, from the same seeds.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import Any, Optional, Protocol, Union
+
+import torch.nn as nn
+from PIL import Image
+
+from ldm.errors import InvalidValue
+from ldm.generation.model import LatentGeometry
+from ldm.generation.sampling import batches, encode_steps
+from ldm.modules.shared_attention import SharedAttentionSettings, select_layers
+
+SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
+PRECISIONS = ("full", "autocast")
+MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit; negative ones alias large ones
+
+
+class ModelDescription(Protocol):
+    """What `check_for` needs of a model: a `ModelSpec` (from the config) or a `LoadedModel`."""
+
+    geometry: LatentGeometry
+    unet: nn.Module
+    num_timesteps: int
+
+
+@dataclass(frozen=True)
+class Batch:
+    """One batch of the run: images generated together (one sharing group), image i from seeds[i]."""
+
+    iteration: int
+    prompts: tuple[str, ...]
+    seeds: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class GenerationRequest:
+    """A run of text-to-image (or, with `init_image`, image-to-image) generation.
+
+    `prompt`: one text for every image, or a sequence with one text per image (consecutive images
+    fill batches of `batch_size`; the last batch may be shorter). `height`/`width` None: the model's
+    native size. `sharing` None: plain generation. `precision` "autocast": float16 on CUDA, float32
+    elsewhere; "full": float32 everywhere. `init_image`: img2img (DDIM only) from that picture, whose
+    size must fit the model (`ldm.generation.inputs.fit_to_multiple`), keeping `1 - strength` of it.
+    """
+
+    prompt: Union[str, tuple[str, ...]]
+    negative_prompt: str = ""
+    seed: int = 42
+    batch_size: int = 4
+    n_iter: int = 1
+    fixed_code: bool = False
+    sampler: str = "ddim"
+    steps: int = 50
+    scale: float = 7.5
+    eta: float = 0.0
+    height: Optional[int] = None
+    width: Optional[int] = None
+    init_image: Optional[Image.Image] = field(default=None, compare=False, repr=False)
+    init_image_name: Optional[str] = None  # recorded in the metadata
+    strength: float = 0.75
+    sharing: Optional[SharedAttentionSettings] = None
+    compare: bool = False
+    precision: str = "autocast"
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.prompt, str):
+            object.__setattr__(self, "prompt", tuple(self.prompt))
+        _check_values(self)
+
+    # ---- the plan of the run ----------------------------------------------------------------------
+    @property
+    def img2img(self) -> bool:
+        return self.init_image is not None
+
+    @property
+    def prompts(self) -> tuple[str, ...]:
+        """The distinct prompt texts of one iteration: (prompt,) or the per-image sequence."""
+        return (self.prompt,) if isinstance(self.prompt, str) else self.prompt
+
+    @property
+    def denoising_steps(self) -> int:
+        """The sampler steps that actually run: all of them, or int(strength * steps) for img2img."""
+        return encode_steps(self.strength, self.steps) if self.img2img else self.steps
+
+    def batches(self) -> list[Batch]:
+        """Every batch of the run in order: iterations, then consecutive batches of prompts."""
+        if isinstance(self.prompt, str):
+            prompt_batches = [[self.prompt] * self.batch_size]
+        else:
+            prompt_batches = list(batches(self.prompt, self.batch_size))
+        plan, count = [], 0
+        for iteration in range(self.n_iter):
+            position = 0
+            for prompts in prompt_batches:
+                first = self.seed + (position if self.fixed_code else count)
+                plan.append(Batch(iteration, tuple(prompts), tuple(range(first, first + len(prompts)))))
+                count += len(prompts)
+                position += len(prompts)
+        return plan
+
+    @property
+    def image_count(self) -> int:
+        per_iteration = self.batch_size if isinstance(self.prompt, str) else len(self.prompt)
+        return per_iteration * self.n_iter
+
+    def size_for(self, geometry: LatentGeometry) -> tuple[int, int]:
+        """(height, width) in pixels: the init image's, the requested, or the model's native size."""
+        if self.init_image is not None:
+            return self.init_image.height, self.init_image.width
+        return self.height or geometry.native_size, self.width or geometry.native_size
+
+    # ---- checks against a model -------------------------------------------------------------------
+    def check_for(self, model: ModelDescription) -> None:
+        """Check the request against a model (its config's `ModelSpec` suffices: no weights needed)."""
+        field_name = "init_image" if self.img2img else None
+        height, width = self.size_for(model.geometry)
+        try:
+            model.geometry.check_size(height, width)
+        except InvalidValue as error:
+            if field_name is None:
+                raise
+            raise InvalidValue(field_name, f"{width}x{height}", error.problem + " (resize it with "
+                                                                "fit_to_multiple)") from None
+        if self.steps > model.num_timesteps:
+            raise InvalidValue("steps", self.steps, f"must be between 1 and {model.num_timesteps}, the "
+                                                    "model's training timesteps")
+        if self.sharing is not None:
+            try:
+                select_layers(model.unet, self.sharing.groups)
+            except ValueError as error:
+                raise InvalidValue("sharing.groups", ",".join(self.sharing.groups), str(error)) from None
+
+
+def _check_values(request: GenerationRequest) -> None:
+    """Every check that needs no model; raises InvalidValue naming the field."""
+    r = request
+    if not all(isinstance(p, str) for p in r.prompts) or not r.prompts:
+        raise InvalidValue("prompt", r.prompt, "give a text, or a non-empty sequence of texts (one per image)")
+    _check_whole(r, "batch_size", 1)
+    _check_whole(r, "n_iter", 1)
+    _check_whole(r, "steps", 1)
+    _check_whole(r, "seed", 0)
+    if r.seed + r.image_count - 1 > MAX_SEED:
+        raise InvalidValue("seed", r.seed, f"image seeds run from seed to seed + {r.image_count - 1}, which must "
+                                           f"stay below 2**63 (torch seeds are 64-bit)")
+    if r.sampler not in SAMPLERS:
+        raise InvalidValue("sampler", r.sampler, f"unknown sampler; choose one of {', '.join(SAMPLERS)}")
+    if r.precision not in PRECISIONS:
+        raise InvalidValue("precision", r.precision, f"choose one of {', '.join(PRECISIONS)}")
+    for name in ("scale", "eta", "strength"):
+        if not _is_number(getattr(r, name)) or not math.isfinite(getattr(r, name)):
+            raise InvalidValue(name, getattr(r, name), "must be a finite number")
+    if not 0.0 <= r.eta <= 1.0:
+        raise InvalidValue("eta", r.eta, "must be between 0 (deterministic DDIM) and 1 (DDPM-like noise)")
+    if r.eta != 0 and r.sampler != "ddim":
+        raise InvalidValue("eta", r.eta, f"{SAMPLERS[r.sampler]} is deterministic and needs eta 0; use the DDIM "
+                                         "sampler for eta > 0")
+    for name in ("height", "width"):
+        value = getattr(r, name)
+        if value is not None and (not _is_whole(value) or value < 1):
+            raise InvalidValue(name, value, "must be a positive whole number of pixels")
+    if r.img2img:
+        _check_img2img(r)
+    _check_sharing(r)
+
+
+def _check_img2img(r: GenerationRequest) -> None:
+    if not isinstance(r.init_image, Image.Image):
+        raise InvalidValue("init_image", type(r.init_image).__name__, "must be a PIL image")
+    if r.sampler != "ddim":
+        raise InvalidValue("sampler", r.sampler, "image-to-image samples with DDIM only")
+    for name, side in (("height", r.init_image.height), ("width", r.init_image.width)):
+        if getattr(r, name) not in (None, side):
+            raise InvalidValue(name, getattr(r, name), f"image-to-image keeps the init image's size ({side})")
+    if not 0.0 <= r.strength <= 1.0:
+        raise InvalidValue("strength", r.strength, "must be between 0 (keep the init image) and 1 (ignore it)")
+
+
+def _check_sharing(r: GenerationRequest) -> None:
+    if r.sharing is None:
+        if r.compare:
+            raise InvalidValue("compare", True, "compares sharing with no sharing, so it needs sharing settings")
+        return
+    if not isinstance(r.sharing, SharedAttentionSettings):
+        raise InvalidValue("sharing", r.sharing, "must be a SharedAttentionSettings or None")
+    if r.sharing.strength == -math.inf:
+        return  # sharing switched off by its strength: no step needs to be selected
+    total = r.denoising_steps
+    if total == 0:
+        raise InvalidValue("strength", r.strength, f"with {r.steps} steps this runs no denoising step "
+                                                   f"(int(strength * steps) = 0), so sharing would do nothing; "
+                                                   "raise the strength or turn sharing off")
+    if not r.sharing.steps_in_window(total):
+        starts = ", ".join(f"{i / total:g}" for i in range(min(total, 4))) + (", ..." if total > 4 else "")
+        raise InvalidValue("sharing.steps", r.sharing.steps,
+                           f"the step window selects none of the {total} sampling steps (they start at "
+                           f"fractions {starts} of the run); widen the window or run more steps")
+
+
+def _is_number(value: Any) -> bool:
+    return isinstance(value, (int, float)) and not isinstance(value, bool)
+
+
+def _is_whole(value: Any) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool)
+
+
+def _check_whole(r: GenerationRequest, name: str, minimum: int) -> None:
+    value = getattr(r, name)
+    if not _is_whole(value) or value < minimum:
+        raise InvalidValue(name, value, f"must be a whole number of at least {minimum}")
