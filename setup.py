@@ -19,7 +19,7 @@ setup(
     ],
     extras_require={
         # parity tests compare against independent implementations
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "pytorch-lightning>=2.0"],
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "pytorch-lightning>=2.0", "ftfy"],
         # training the demo model and the first stage
         "train": ["pytorch-lightning>=2.0"],
         # DINO / CLIP feature extractors for evaluating real SD checkpoints
