@@ -207,24 +207,18 @@ def test_anchor_mode_respects_guidance_halves(tiny_unet):
     torch.testing.assert_close(both[3:], cond_alone, rtol=1e-4, atol=1e-5)
 
 
-def test_step_window_switches_sharing_by_sampler_progress(tiny_unet):
+@pytest.mark.parametrize("window, outside, inside", [
+    ((0.0, 0.4), 0.4, 0.2),  # the end is excluded
+    ((0.5, 1.0), 0.25, 0.5),  # the start is included, and nothing before it shares
+])
+def test_step_window_shares_from_its_start_up_to_its_end(tiny_unet, window, outside, inside):
     x, t, c = unet_inputs(2)
     plain = run(tiny_unet, x, t, c)
-    with shared_attention(tiny_unet, groups="all", steps=(0.0, 0.4)):
-        inside = run(tiny_unet, x, t, c, progress=0.2)
-        outside = run(tiny_unet, x, t, c, progress=0.4)
-    assert torch.equal(outside, plain)
-    assert not torch.allclose(inside, plain)
-
-
-def test_step_window_starts_sharing_at_its_start_fraction(tiny_unet):
-    x, t, c = unet_inputs(2)
-    plain = run(tiny_unet, x, t, c)
-    with shared_attention(tiny_unet, groups="all", steps=(0.5, 1.0)):
-        before_start = run(tiny_unet, x, t, c, progress=0.25)
-        at_start = run(tiny_unet, x, t, c, progress=0.5)
-    assert torch.equal(before_start, plain)
-    assert not torch.allclose(at_start, plain)
+    with shared_attention(tiny_unet, groups="all", steps=window):
+        off = run(tiny_unet, x, t, c, progress=outside)
+        on = run(tiny_unet, x, t, c, progress=inside)
+    assert torch.equal(off, plain)
+    assert not torch.allclose(on, plain)
 
 
 @pytest.mark.parametrize("window, total, selected", [
