@@ -20,7 +20,7 @@ from ldm.generation import (GenerationRequest, LoadedModel, NonFiniteError, Shar
                             read_model_spec, read_png_metadata, save_result)
 from ldm.generation.generate import first_nonfinite_tensor
 from ldm.generation.sampling import encode_init_image
-from tests.conftest import TINY_CONFIG
+from tests.conftest import ROOT, TINY_CONFIG
 
 FAST = dict(steps=2, scale=3.0, batch_size=2)
 
@@ -68,6 +68,16 @@ def test_a_request_is_checked_against_the_config_before_any_weight_loads():
     with pytest.raises(InvalidValue, match="valid names") as error:
         GenerationRequest(prompt="a chair", sharing=SharedAttentionSettings(groups=("up.128",))).check_for(spec)
     assert error.value.field == "sharing.groups"
+
+
+@pytest.mark.parametrize("config, geometry", [
+    ("configs/stable-diffusion/v1-inference.yaml", (4, 8, 64, 512)),  # its UNet's own image_size (32) is unused
+    ("configs/demo/demo-inference.yaml", (4, 4, 32, 64)),
+])
+def test_the_latent_geometry_is_read_from_the_config(config, geometry):
+    g = read_model_spec(ROOT / config).geometry
+    assert (g.channels, g.factor, g.pixel_multiple, g.native_size) == geometry
+    assert g.latent_shape(g.native_size, g.native_size) == (4, g.native_size // g.factor, g.native_size // g.factor)
 
 
 def test_the_geometry_read_from_the_config_is_the_built_model_s(model):

@@ -9,9 +9,11 @@
   EMA), which every generated image's metadata repeats.
 - `load_demo_model()`: the tiny model shipped in models/demo/.
 
-Config layout assumed (CompVis): model.params.{unet_config, first_stage_config, timesteps}; the
-autoencoder's latent channels are first_stage_config.params.embed_dim and its factor f is
-2 ** (len(ddconfig.ch_mult) - 1); the UNet halves its input len(channel_mult) - 1 times.
+Config layout assumed (CompVis): model.params.{image_size, unet_config, first_stage_config, timesteps};
+the latent side the model was trained at is model.params.image_size (the UNet's own image_size is
+unused, 32 in SD v1's config), the autoencoder's latent channels are first_stage_config.params.embed_dim
+and its factor f is 2 ** (len(ddconfig.ch_mult) - 1); the UNet halves its input len(channel_mult) - 1
+times.
 """
 from __future__ import annotations
 
@@ -43,7 +45,7 @@ class LatentGeometry:
     channels: int  # C: latent channels of the autoencoder
     factor: int  # f: image pixels per latent pixel along a side
     unet_halvings: int  # how many times the UNet halves its input (and doubles it back)
-    native_latent_size: int  # the latent side the UNet was built for (its image_size)
+    native_latent_size: int  # the latent side the model was trained at (model.params.image_size)
 
     @property
     def pixel_multiple(self) -> int:
@@ -74,7 +76,7 @@ class LatentGeometry:
         from ldm.modules.shared_attention import find_unet
         unet, first_stage = find_unet(module), module.first_stage_model
         return cls(channels=int(first_stage.embed_dim), factor=2 ** (first_stage.decoder.num_resolutions - 1),
-                   unet_halvings=len(unet.channel_mult) - 1, native_latent_size=int(unet.image_size))
+                   unet_halvings=len(unet.channel_mult) - 1, native_latent_size=int(module.image_size))
 
 
 @dataclass(frozen=True)
@@ -112,7 +114,7 @@ def read_model_spec(config_path: str | os.PathLike) -> ModelSpec:
         geometry = LatentGeometry(
             channels=int(first_stage.embed_dim), factor=2 ** (len(first_stage.ddconfig.ch_mult) - 1),
             unet_halvings=len(unet_params.get("channel_mult", UNET_DEFAULT_CHANNEL_MULT)) - 1,
-            native_latent_size=int(unet_params.image_size))
+            native_latent_size=int(params.image_size))
         num_timesteps = int(params.get("timesteps", 1000))
     except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as error:
         raise ConfigError(f"config {path} does not describe a latent diffusion model ({type(error).__name__}: "

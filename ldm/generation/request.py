@@ -13,6 +13,7 @@ is also generated without sharing, from the same seeds.
 from __future__ import annotations
 
 import math
+import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Union
 
@@ -212,11 +213,11 @@ def _check_sharing(r: GenerationRequest) -> None:
 
 
 def _is_number(value: Any) -> bool:
-    return isinstance(value, (int, float)) and not isinstance(value, bool)
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
 
 
 def _is_whole(value: Any) -> bool:
-    return isinstance(value, int) and not isinstance(value, bool)
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
 
 
 def _check_whole(r: GenerationRequest, name: str, minimum: int) -> None:
