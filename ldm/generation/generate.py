@@ -100,33 +100,21 @@ def generate(model: LoadedModel, request: GenerationRequest,
     """Generate every image of `request` with `model`; nothing is saved (see `save_result`)."""
     request.check_for(model)
     module = model.module
-    height, width = request.size_for(model.geometry)
-    run = run_metadata(model, request, height, width)
+    run = run_metadata(model, request, *request.size_for(model.geometry))
     variants: list[tuple[str, Optional[SharedAttentionSettings]]] = [("plain", None)]
     if request.sharing is not None:
-        variants = [("no sharing", None), ("shared", request.sharing)] if request.compare else [
-            ("shared", request.sharing)]
+        variants = [("shared", request.sharing)]
+        if request.compare:  # the same seeds first without sharing
+            variants.insert(0, ("no sharing", None))
     sampler = make_sampler(request.sampler, module)
     init_latent = encode_init_image(module, image_to_tensor(request.init_image)) if request.img2img else None
     plan = request.batches()
-    total = len(plan) * len(variants)
     out: list[BatchImages] = []
     with precision_scope(request.precision, model.device):
         for batch in plan:
             for label, sharing in variants:
-                callback = _step_reporter(progress, len(out), total, request.denoising_steps)
-                if init_latent is None:
-                    latents = generate_latents(module, sampler, batch.prompts, batch.seeds,
-                                               shape=model.geometry.latent_shape(height, width),
-                                               steps=request.steps, scale=request.scale, eta=request.eta,
-                                               negative_prompt=request.negative_prompt, sharing=sharing,
-                                               callback=callback)
-                else:
-                    latents = img2img_latents(module, sampler, init_latent, batch.prompts, batch.seeds,
-                                              steps=request.steps, strength=request.strength,
-                                              scale=request.scale, eta=request.eta,
-                                              negative_prompt=request.negative_prompt, sharing=sharing,
-                                              callback=callback)
+                callback = _step_reporter(progress, len(out), len(plan) * len(variants), request.denoising_steps)
+                latents = _sample(model, request, sampler, batch, sharing, init_latent, callback)
                 out.append(_decoded(model, request, batch, label, sharing, latents, run))
     grid_metadata = {**run, "prompts": list(request.prompts), "first_seed": request.seed,
                      "compare": request.compare}
@@ -145,6 +133,20 @@ def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, wi
     if r.img2img:
         values.update(strength=r.strength, encode_steps=r.denoising_steps, init_image=r.init_image_name)
     return json.loads(json.dumps(values, default=str))
+
+
+def _sample(model: LoadedModel, request: GenerationRequest, sampler: Any, batch: Batch,
+            sharing: Optional[SharedAttentionSettings], init_latent: Optional[torch.Tensor],
+            callback: Optional[Callable[[int], None]]) -> torch.Tensor:
+    """One batch's latents (B, C, h, w): txt2img from each seed's noise, or img2img from `init_latent`."""
+    common = dict(scale=request.scale, eta=request.eta, negative_prompt=request.negative_prompt, sharing=sharing,
+                  callback=callback)
+    if init_latent is None:
+        shape = model.geometry.latent_shape(*request.size_for(model.geometry))
+        return generate_latents(model.module, sampler, batch.prompts, batch.seeds, shape=shape, steps=request.steps,
+                                **common)
+    return img2img_latents(model.module, sampler, init_latent, batch.prompts, batch.seeds, steps=request.steps,
+                           strength=request.strength, **common)
 
 
 def _step_reporter(progress: Optional[ProgressCallback], batch: int, batches: int,
