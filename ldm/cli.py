@@ -93,17 +93,14 @@ class ArgumentParser(argparse.ArgumentParser):
         self.exit(2, f"error: {message} (see --help)\n")
 
     def parse_args(self, args: Optional[Sequence[str]] = None, namespace: Any = None) -> argparse.Namespace:
-        tokens = list(sys.argv[1:] if args is None else args)
-        joined: list[str] = []
-        for token in tokens:
-            takes_value = joined and joined[-1] in self._option_string_actions and \
-                self._option_string_actions[joined[-1]].nargs is None and \
-                self._option_string_actions[joined[-1]].const is None
-            if takes_value and token.startswith("-") and _is_float(token):
-                joined[-1] = f"{joined[-1]}={token}"
+        tokens: list[str] = []
+        for token in (sys.argv[1:] if args is None else args):
+            action = self._option_string_actions.get(tokens[-1]) if tokens else None
+            if action is not None and action.nargs is None and token.startswith("-") and _is_float(token):
+                tokens[-1] = f"{tokens[-1]}={token}"  # "--flag=-inf": argparse takes it as the value
             else:
-                joined.append(token)
-        return super().parse_args(joined, namespace)
+                tokens.append(token)
+        return super().parse_args(tokens, namespace)
 
 
 def _is_float(text: str) -> bool:

@@ -311,3 +311,8 @@ def test_f_and_c_that_match_the_config_are_accepted(paths, tmp_path):
         meta = json.loads(image.text["parameters"])
         assert image.size == (64, 64) and (meta["H"], meta["W"], meta["f"], meta["C"]) == (64, 64, 8, 4)
 
+
+
+def test_values_that_look_like_flags_are_read_as_the_values_of_their_flag():
+    opt = SCRIPTS["txt2img"].parse_args(["--demo", "--scale", "-1e3", "--shared-attn-strength", "-inf", "--seed", "-1"])
+    assert (opt.scale, opt.shared_attn_strength, opt.seed) == (-1000.0, -math.inf, -1)
