@@ -3,7 +3,6 @@
 scripts/probe_text_conditioning.py)."""
 from __future__ import annotations
 
-import importlib.util
 import math
 
 import pytest
@@ -21,7 +20,7 @@ from ldm.eval.text_probe import (fit_linear_probe, is_held_out, make_prompt, nam
 from ldm.generation import UsageError
 from ldm.modules.shared_attention import tagged_layers
 from ldm.util import instantiate_from_config
-from tests.conftest import ROOT, TINY_CONFIG, randomize_
+from tests.conftest import TINY_CONFIG, load_script, randomize_
 
 
 @pytest.fixture(scope="module")
@@ -70,10 +69,10 @@ def test_variance_share_is_one_when_features_vary_only_with_the_label_and_zero_w
     assert variance_share(within, labels) == pytest.approx(0.0, abs=1e-7)
 
 
-@pytest.mark.parametrize("attribute,values", [("colour", COLOURS), ("pattern", PATTERNS)])
-def test_held_out_combinations_leave_every_value_and_class_in_both_halves(attribute, values):
-    prompts = naming_prompts(attribute)
-    assert len({p.text for p in prompts}) == len(prompts) == len(CLASSES) * len(values) * (1 + 10 - len(values))
+@pytest.mark.parametrize("attribute,values,other_values", [("colour", COLOURS, PATTERNS), ("pattern", PATTERNS, COLOURS)])
+def test_held_out_combinations_leave_every_value_and_class_in_both_halves(attribute, values, other_values):
+    prompts = naming_prompts(attribute)  # each class and value, with the other attribute unnamed or named
+    assert len({p.text for p in prompts}) == len(prompts) == len(CLASSES) * len(values) * (1 + len(other_values))
     train = [p for p in prompts if not is_held_out(p, attribute)]
     test = [p for p in prompts if is_held_out(p, attribute)]
     for half in (train, test):
@@ -241,21 +240,13 @@ def test_sensitivity_is_zero_for_identical_prompts_and_positive_for_different_on
 # ----------------------------------------------------------------------------- script
 
 
-def load_script():
-    spec = importlib.util.spec_from_file_location("probe_text_conditioning",
-                                                  ROOT / "scripts" / "probe_text_conditioning.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
-
-
 def test_script_writes_every_table_for_a_tiny_checkpoint_and_never_overwrites(tiny_model, tmp_path, capsys):
     ckpt = tmp_path / "tiny.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in tiny_model.state_dict().items()}, str(ckpt))
     out = tmp_path / "report" / "tiny.md"
     args = ["--config", str(TINY_CONFIG), "--ckpt", str(ckpt), "--latents", "1", "--steps", "1",
             "--probe-steps", "20", "--device", "cpu", "--out", str(out)]
-    results = load_script().main(args)
+    results = load_script("probe_text_conditioning").main(args)
     written = out.read_text()
     assert written.startswith("## Text conditioning of `tiny.safetensors`")
     assert "python scripts/probe_text_conditioning.py --config" in written
@@ -264,7 +255,7 @@ def test_script_writes_every_table_for_a_tiny_checkpoint_and_never_overwrites(ti
     assert written in capsys.readouterr().out
     assert len(results.probes) == 10 and results.timesteps == (249, 499, 749)
     with pytest.raises(UsageError, match="never overwrites"):
-        load_script().main(args)
+        load_script("probe_text_conditioning").main(args)
 
 
 def test_script_refuses_a_model_without_the_clip_text_encoder(tmp_path):
@@ -273,4 +264,4 @@ def test_script_refuses_a_model_without_the_clip_text_encoder(tmp_path):
     path = tmp_path / "other.yaml"
     OmegaConf.save(config, path)
     with pytest.raises(UsageError, match="needs ldm.modules.encoders.modules.FrozenCLIPEmbedder"):
-        load_script().check_text_encoder_config(path)
+        load_script("probe_text_conditioning").check_text_encoder_config(path)

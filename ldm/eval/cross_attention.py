@@ -110,16 +110,6 @@ class CrossAttentionRecorder:
                 self.records[name].append(token_attention(q, k, layer.scale, self.roles, self.mapped))
         return record
 
-    def __enter__(self) -> "CrossAttentionRecorder":
-        for name, _, layer in self.layers:
-            self._handles.append(layer.register_forward_hook(self._hook(name), with_kwargs=True))
-        return self
-
-    def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
-
     def summary(self) -> dict[str, dict[str, float]]:
         """level tag -> {"layers", "mass.<role>", "entropy.<role>", "peak.<role>"}, each the mean over
         the level's layers, their calls and the images (NaN values left out), in forward order; the
@@ -144,3 +134,12 @@ class CrossAttentionRecorder:
             finite = stacked[~stacked.isnan()]
             row[key] = finite.mean().item() if finite.numel() else math.nan
         return row
+
+    def __enter__(self) -> "CrossAttentionRecorder":
+        for name, _, layer in self.layers:
+            self._handles.append(layer.register_forward_hook(self._hook(name), with_kwargs=True))
+        return self
+
+    def __exit__(self, *exc) -> None:
+        while self._handles:
+            self._handles.pop().remove()
