@@ -40,7 +40,7 @@ Roles = Mapping[str, Sequence[int]]  # role -> token positions of one prompt
 
 @dataclass
 class CallRecord:
-    """One layer call: role -> (B,) values (NaN where a role has no tokens in that prompt)."""
+    """One layer call: role -> (B,) values. A role without tokens in a prompt has mass 0 and NaN maps."""
 
     mass: dict[str, torch.Tensor]
     entropy: dict[str, torch.Tensor]
