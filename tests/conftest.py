@@ -4,6 +4,7 @@ from __future__ import annotations
 import importlib.util
 import math
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 import torch
@@ -31,6 +32,14 @@ def randomize_(module: nn.Module, seed: int = 0) -> nn.Module:
                 p.copy_(torch.randn(p.shape, generator=generator) / math.sqrt(fan_in))
             else:
                 p.add_(0.1 * torch.randn(p.shape, generator=generator))
+    return module
+
+
+def load_script(name: str) -> ModuleType:
+    """scripts/<name>.py imported as a module (the scripts are not a package), so tests can call its main."""
+    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
     return module
 
 
