@@ -27,10 +27,10 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, run_cli  # noqa: E402
+from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, model_spec, run_cli  # noqa: E402
 from ldm.eval.text_conditioning import (TextConditioningRequest, TextConditioningResults,  # noqa: E402
                                         format_report, measure_text_conditioning)
-from ldm.generation import choose_device  # noqa: E402
+from ldm.generation import choose_device, load_model  # noqa: E402
 
 TEXT_ENCODER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 
@@ -73,11 +73,10 @@ def main(argv: Optional[Sequence[str]] = None) -> TextConditioningResults:
     arguments = list(sys.argv[1:] if argv is None else argv)
     opt = parse_args(arguments)
     torch.set_num_threads(opt.threads)
-    config_path, ckpt_path = check_checkpoint(opt)
-    check_text_encoder_config(config_path)
-    from ldm.checkpoint import load_model_from_config
-    device = choose_device(opt.device)
-    model = load_model_from_config(OmegaConf.load(config_path), ckpt_path, device=device).float()  # fp16 files run in float32
+    spec = model_spec(opt)
+    check_text_encoder_config(spec.config_path)
+    ckpt_path = check_checkpoint(opt)
+    model = load_model(spec, ckpt_path, device=choose_device(opt.device)).module
     request = TextConditioningRequest(latents=opt.latents, seed=opt.seed, steps=opt.steps, scale=opt.scale,
                                       probe_steps=opt.probe_steps, batch_size=opt.batch_size)
     results = measure_text_conditioning(model, request)

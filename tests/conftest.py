@@ -88,11 +88,3 @@ def tiny_ckpt(tmp_path_factory, tiny_config) -> Path:
     path = tmp_path_factory.mktemp("ckpt") / "tiny.safetensors"
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(path))
     return path
-
-
-def load_script(name: str):
-    """scripts/NAME.py as a module (the scripts are not a package)."""
-    spec = importlib.util.spec_from_file_location(f"script_{name}", ROOT / "scripts" / f"{name}.py")
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
