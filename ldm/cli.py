@@ -180,6 +180,12 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                        help="also generate the same seeds without sharing and save both as one labelled grid")
 
 
+def check_prompt_given(opt: argparse.Namespace, example: str) -> None:
+    """`--prompt` given without a value (argparse stores None) and no --from-file: say what to give."""
+    if opt.prompt is None and not opt.from_file:
+        raise UsageError(f"--prompt needs a text, e.g. --prompt \"{example}\" (or use --from-file)")
+
+
 def apply_model_defaults(opt: argparse.Namespace, sd_defaults: Optional[dict[str, Any]] = None) -> None:
     """Fill unset model-dependent options from the SD v1 or the demo defaults; `sd_defaults` overrides
     some SD v1 values (CompVis' img2img uses other batch and guidance defaults than its txt2img)."""

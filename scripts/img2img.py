@@ -19,7 +19,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ldm.cli import (ArgumentParser, UsageError, add_model_arguments, add_output_arguments,  # noqa: E402
-                     add_sampling_arguments, add_shared_attention_arguments, apply_model_defaults,
+                     add_sampling_arguments, add_shared_attention_arguments, apply_model_defaults, check_prompt_given,
                      prepare_generation, print_shared_attention_help, run_cli, run_generation)
 
 # CompVis' img2img defaults where they differ from its txt2img (SD v1 only; --demo keeps its own).
@@ -41,8 +41,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opt = parser.parse_args(argv)
     if opt.plms or opt.dpm_solver:
         raise UsageError("img2img always samples with DDIM; drop --plms / --dpm_solver")
-    if opt.prompt is None and not opt.from_file:  # `--prompt` given without a value
-        raise UsageError("--prompt needs a text, e.g. --prompt \"a fantasy landscape\" (or use --from-file)")
+    check_prompt_given(opt, example="a fantasy landscape")
     apply_model_defaults(opt, sd_defaults=IMG2IMG_SD_DEFAULTS)
     return opt
 

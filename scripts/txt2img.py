@@ -18,7 +18,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ldm.cli import (ArgumentParser, UsageError, add_model_arguments, add_output_arguments,  # noqa: E402
-                     add_sampling_arguments, add_shared_attention_arguments, apply_model_defaults,
+                     add_sampling_arguments, add_shared_attention_arguments, apply_model_defaults, check_prompt_given,
                      prepare_generation, print_shared_attention_help, run_cli, run_generation)
 
 
@@ -35,8 +35,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     opt = parser.parse_args(argv)
     if opt.laion400m:
         raise UsageError("--laion400m is not supported by this project; use --config and --ckpt")
-    if opt.prompt is None and not opt.from_file:  # `--prompt` given without a value
-        raise UsageError("--prompt needs a text, e.g. --prompt \"a wooden chair\" (or use --from-file)")
+    check_prompt_given(opt, example="a wooden chair")
     apply_model_defaults(opt)
     return opt
 
