@@ -1,0 +1,78 @@
+"""A local web page for making consistent sets with batch-shared self-attention.
+
+    python scripts/app.py            # the demo model; open the address it prints
+
+One prompt for every image (or one per image), the sampling settings and every shared-attention
+option of txt2img on one form; the result is the same seeds without and with sharing, side by side,
+each image downloadable as the PNG txt2img would write, and the txt2img command that makes them.
+The page's values are checked as txt2img checks its flags (see ldm/app/). It listens on 127.0.0.1
+only and fetches nothing from the network. Default model: the demo model; --config/--ckpt for SD v1.
+"""
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+from typing import Optional, Sequence
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # txt2img beside this file: its flags are the page's
+
+from txt2img import parse_args as txt2img_parse_args  # noqa: E402
+
+from ldm.app.server import App, serve  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, add_model_arguments, prepare_generation, run_cli  # noqa: E402
+from ldm.generation import load_model  # noqa: E402
+
+DEFAULT_PORT = 7860
+
+
+def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
+    parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    add_model_arguments(parser)
+    parser.add_argument("--port", type=int, default=DEFAULT_PORT,
+                        help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
+    parser.add_argument("--outdir", type=str, default="outputs/app-samples",
+                        help="folder for the runs (run-0000, run-0001, ...)")
+    opt = parser.parse_args(argv)
+    if opt.demo and (opt.config or opt.ckpt):
+        raise UsageError("--demo uses the shipped demo model; drop --demo to give --config and --ckpt")
+    if not 0 <= opt.port <= 65535:
+        raise UsageError(f"--port {opt.port}: give a port from 1 to 65535, or 0 for a free one")
+    return opt
+
+
+def model_argv(opt: argparse.Namespace) -> list[str]:
+    """The txt2img flags that choose this page's model, device and precision."""
+    if opt.config or opt.ckpt:
+        argv = [f"--config={opt.config}"] if opt.config else []
+        argv += [f"--ckpt={opt.ckpt}"] if opt.ckpt else []
+    else:
+        argv = ["--demo"]
+    argv += ["--use-ema"] if opt.use_ema else []
+    argv += [f"--device={opt.device}"] if opt.device != "auto" else []
+    return argv + ([f"--precision={opt.precision}"] if opt.precision != "autocast" else [])
+
+
+def main(argv: Optional[Sequence[str]] = None) -> None:
+    opt = parse_args(argv)
+    flags = model_argv(opt)
+    # txt2img's checks of the model, the device and the folder, before the slow load
+    run = prepare_generation(txt2img_parse_args([*flags, f"--outdir={opt.outdir}"]))
+    model = load_model(run.spec, run.ckpt, device=run.device, use_ema=opt.use_ema, verbose=False)
+    try:
+        server = serve(App(model, txt2img_parse_args, flags, Path(opt.outdir)), opt.port)
+    except OSError as error:
+        raise UsageError(f"--port {opt.port}: cannot listen on 127.0.0.1:{opt.port} ({error.strerror or error}); "
+                         "pass another port, or --port 0 for a free one") from None
+    print(f"The page is at {server.url} (Ctrl+C stops it)", flush=True)
+    try:
+        server.serve_forever()
+    except KeyboardInterrupt:
+        pass
+    finally:
+        server.server_close()
+
+
+if __name__ == "__main__":
+    run_cli(main)
