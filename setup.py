@@ -5,6 +5,7 @@ setup(
     version="0.1.0",
     description="Stable Diffusion v1 in the CompVis layout, with batch-shared self-attention for consistent subjects",
     packages=find_packages(include=["ldm", "ldm.*"]),
+    package_data={"ldm.app": ["static/*"]},  # the web page's stylesheet and script
     python_requires=">=3.10",
     install_requires=[
         "torch>=2.1",
@@ -19,7 +20,8 @@ setup(
     ],
     extras_require={
         # parity tests compare against independent implementations
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "pytorch-lightning>=2.0", "ftfy"],
+        # (selenium drives Debian's chromium + chromium-driver in the web page's browser test; .ci/run installs them)
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "pytorch-lightning>=2.0", "ftfy", "selenium>=4.11"],
         # training the demo model and the first stage
         "train": ["pytorch-lightning>=2.0"],
         # DINO / CLIP feature extractors for evaluating real SD checkpoints
