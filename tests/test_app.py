@@ -155,6 +155,25 @@ def test_a_bad_value_is_the_clis_one_line_and_writes_nothing(page, change, messa
     assert sorted(page.app.outdir.rglob("*")) == before
 
 
+def test_an_error_during_generation_is_the_clis_one_line_and_writes_nothing(page):
+    before = sorted(page.app.outdir.rglob("*"))
+    state = submit(page, {**FORM, "--scale": "1e30"})  # passes the checks, overflows while sampling
+    assert state["state"] == "error"
+    assert state["error"].startswith("error: sampling gave NaN or infinite latents") and "\n" not in state["error"]
+    assert "guidance scale 1e+30" in state["error"]
+    assert sorted(page.app.outdir.rglob("*")) == before
+
+
+def test_a_second_generation_waits_for_the_first_instead_of_running_beside_it(page):
+    status, body = request(page, "POST", "/generate", {**FORM, "--ddim_steps": "30"})
+    assert status == 200
+    second_status, second_body = request(page, "POST", "/generate", FORM)
+    assert (second_status, json.loads(second_body)["error"]) == (
+        400, "error: a generation is already running; wait until it has finished")
+    while json.loads(request(page, "GET", f"/status/{json.loads(body)['job']}")[1])["state"] == "running":
+        time.sleep(0.1)
+
+
 def test_every_shared_attention_option_of_the_cli_is_a_field_on_the_page(page):
     import argparse
     parser = argparse.ArgumentParser(add_help=False)
