@@ -1,7 +1,8 @@
 """The web page in a real browser: `python scripts/app.py` started as README says (on a free port),
 driven by Debian's headless Chromium through Selenium. It types a prompt, generates, waits for the
 images, checks both rows and a bad value's message, and that the page asked nothing of any host but
-its own server. A missing Chromium or chromedriver is a failure: .ci/run installs them.
+its own server, while the server runs with the network cut off (tests/offline_run.py). A missing
+Chromium or chromedriver is a failure: .ci/run installs them.
 
 APP_SCREENSHOT=assets/app-page.png python -m pytest tests/test_app_browser.py   # README's screenshot
 """
@@ -9,11 +10,12 @@ from __future__ import annotations
 
 import json
 import os
-import queue
 import shutil
 import subprocess
 import sys
 import threading
+import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
@@ -21,6 +23,8 @@ from selenium import webdriver
 from selenium.webdriver.chrome.service import Service
 from selenium.webdriver.common.by import By
 from selenium.webdriver.support.ui import WebDriverWait
+
+from tests.offline_run import OFFLINE_MARK
 
 ROOT = Path(__file__).resolve().parents[1]
 INSTALL = "apt-get install -y chromium chromium-driver (.ci/run does)"
@@ -35,31 +39,39 @@ def find_program(*names: str) -> str:
     pytest.fail(f"{' or '.join(names)} not found: the browser test needs Debian's Chromium; {INSTALL}")
 
 
+@dataclass
+class Server:
+    url: str
+    output: list[str]  # every line the server has printed so far
+
+
 @pytest.fixture(scope="module")
-def server_url(tmp_path_factory):
-    """scripts/app.py on a free port with the demo model; its address, read from what it prints."""
+def server(tmp_path_factory):
+    """scripts/app.py on a free port with the demo model and the network cut off (tests/offline_run.py);
+    its address is read from what it prints."""
     outdir = tmp_path_factory.mktemp("app-browser")
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
-    process = subprocess.Popen([sys.executable, str(ROOT / "scripts" / "app.py"), "--port", "0", "--device", "cpu",
-                                "--outdir", str(outdir)], stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                               text=True, env=env, cwd=tmp_path_factory.mktemp("cwd"))
-    lines: queue.Queue[str] = queue.Queue()
-    threading.Thread(target=lambda: [lines.put(line) for line in process.stdout], daemon=True).start()
+    command = [sys.executable, str(ROOT / "tests" / "offline_run.py"), str(ROOT / "scripts" / "app.py"),
+               "--port", "0", "--device", "cpu", "--outdir", str(outdir)]
+    process = subprocess.Popen(command, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=env,
+                               cwd=tmp_path_factory.mktemp("cwd"))
+    output: list[str] = []
+    threading.Thread(target=lambda: output.extend(process.stdout), daemon=True).start()
     try:
-        printed = []
-        while not any("The page is at" in line for line in printed):
-            try:
-                printed.append(lines.get(timeout=60))
-            except queue.Empty:
-                pytest.fail("scripts/app.py printed no address within 60 s: " + "".join(printed))
-        yield printed[-1].split("The page is at ")[1].split()[0]
+        deadline = time.monotonic() + 60
+        while not any("The page is at" in line for line in output):
+            if time.monotonic() > deadline or process.poll() is not None:
+                pytest.fail("scripts/app.py printed no address within 60 s: " + "".join(output))
+            time.sleep(0.1)
+        address = next(line for line in output if "The page is at" in line)
+        yield Server(address.split("The page is at ")[1].split()[0], output)
     finally:
         process.terminate()
         process.wait(timeout=10)
 
 
 @pytest.fixture(scope="module")
-def browser(server_url):
+def browser(server):
     options = webdriver.ChromeOptions()
     options.binary_location = find_program("chromium", "chromium-browser")
     for argument in ("--headless=new", "--no-sandbox", "--disable-gpu", "--disable-dev-shm-usage",
@@ -68,7 +80,7 @@ def browser(server_url):
     options.set_capability("goog:loggingPrefs", {"performance": "ALL"})  # every request the page makes
     # the driver's path given: Selenium would otherwise try to download one
     driver = webdriver.Chrome(options=options, service=Service(executable_path=find_program("chromedriver")))
-    driver.get(server_url)
+    driver.get(server.url)
     yield driver
     driver.quit()
 
@@ -124,10 +136,14 @@ def test_a_bad_value_shows_one_line_on_the_page(browser):
     type_into(field(browser, "--shared-attn-strength"), "")
 
 
-def test_the_page_requests_nothing_but_its_own_server(browser, server_url):
-    browser.get(server_url)  # once more, so this test alone also sees the page load
+def test_the_page_requests_nothing_but_its_own_server(browser, server):
+    browser.get(server.url)  # once more, so this test alone also sees the page load
     urls = [json.loads(entry["message"])["message"]["params"]["request"]["url"]
             for entry in browser.get_log("performance")
             if json.loads(entry["message"])["message"]["method"] == "Network.requestWillBeSent"]
-    assert server_url in urls
-    assert [url for url in urls if not (url.startswith(server_url) or url.startswith("data:"))] == []
+    assert server.url in urls
+    assert [url for url in urls if not (url.startswith(server.url) or url.startswith("data:"))] == []
+
+
+def test_the_server_works_with_the_network_cut_off(browser, server):
+    assert not [line for line in server.output if OFFLINE_MARK in line]
