@@ -145,6 +145,7 @@ def test_per_image_prompts_equal_the_txt2img_command_the_page_shows(page, tmp_pa
     ({"--shared-attn-steps": "0.9:0.95"}, "error: --shared-attn-steps 0.9:0.95: the step window selects none"),
     ({"--scale": "nan"}, "error: --scale nan: must be a finite number"),
     ({"per_image": True, "prompt": " \n "}, "error: the prompt box is empty"),
+    ({"groups": "up"}, "error: the layer groups must be a list of group names"),
 ])
 def test_a_bad_value_is_the_clis_one_line_and_writes_nothing(page, change, message):
     before = sorted(page.app.outdir.rglob("*"))

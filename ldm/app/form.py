@@ -107,7 +107,10 @@ def form_argv(values: Mapping[str, Any], fields: Sequence[FormField], prompt_fil
         argv = ["--prompt=" + " ".join(str(values.get("prompt", "")).split())]
     else:
         argv = [f"--from-file={prompt_file}", f"--n_samples={len(prompts)}"]
-    groups = [str(group) for group in values.get("groups") or []]
+    groups = values.get("groups") or []
+    if not isinstance(groups, list):
+        raise UsageError("the layer groups must be a list of group names")
+    groups = [str(group) for group in groups]
     if groups:
         argv += ["--shared-attn=" + ",".join(groups), "--compare"]
     for field in fields:

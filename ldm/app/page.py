@@ -29,7 +29,8 @@ def field_id(field: FormField) -> str:
 
 def render_field(field: FormField) -> str:
     """One labelled input with its flag and its one-line explanation."""
-    ident, attrs = field_id(field), f'id="{field_id(field)}" data-flag="{escape(field.flag)}"'
+    ident = field_id(field)
+    attrs = f'id="{ident}" data-flag="{escape(field.flag)}"'
     if field.kind == "checkbox":
         control = f'<input type="checkbox" {attrs}>'
     elif field.kind == "select":
