@@ -223,7 +223,7 @@ def sample_pair(rng: np.random.Generator) -> tuple[Attributes, Attributes]:
     return placed[0], placed[1]
 
 
-def _draw_primitives(draw: ImageDraw.ImageDraw, primitives: tuple[Primitive, ...], centre: tuple[float, float],
+def draw_primitives(draw: ImageDraw.ImageDraw, primitives: tuple[Primitive, ...], centre: tuple[float, float],
                      side: float, mirror: bool) -> None:
     """Draw shape primitives given in object units (longest side 1, facing right) onto a mask."""
     cx, cy = centre
@@ -254,7 +254,7 @@ def _downsample_mask(mask: Image.Image, size: int) -> np.ndarray:
 
 
 @lru_cache(maxsize=256)
-def _texture(pattern: str, colour: str, size: int) -> np.ndarray:
+def pattern_texture(pattern: str, colour: str, size: int) -> np.ndarray:
     """Full-frame pattern in the object's colours, float32 (size, size, 3); cached since it is per (pattern, colour)."""
     big = size * SUPERSAMPLE
     period = big / PATTERN_PERIODS_PER_IMAGE
@@ -303,7 +303,7 @@ def _draw_object(image: np.ndarray, attrs: Attributes, size: int, scale: float) 
     half_w, half_h = SHAPE_EXTENTS[attrs.cls]
 
     shape_mask = Image.new("L", (big, big), 0)
-    _draw_primitives(ImageDraw.Draw(shape_mask), SHAPES[attrs.cls], centre, side, attrs.facing == "left")
+    draw_primitives(ImageDraw.Draw(shape_mask), SHAPES[attrs.cls], centre, side, attrs.facing == "left")
     alpha = _downsample_mask(shape_mask, size)[..., None]  # (size, size, 1)
 
     shadow_mask = Image.new("L", (big, big), 0)
@@ -322,7 +322,7 @@ def _draw_object(image: np.ndarray, attrs: Attributes, size: int, scale: float) 
 
     image = image * (1 - shadow) + SHADOW * shadow
     image = image * (1 - outline) + dark * outline
-    return image * (1 - alpha) + _texture(attrs.pattern, attrs.colour, size) * alpha
+    return image * (1 - alpha) + pattern_texture(attrs.pattern, attrs.colour, size) * alpha
 
 
 def caption(attrs: Attributes, mention: set[str] | frozenset[str] | tuple[str, ...] = (), count: int = 1) -> str:
