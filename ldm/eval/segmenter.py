@@ -1,0 +1,89 @@
+"""The world v2's subject segmenter: a small conv net that marks the subject's pixels, and mask IoU.
+
+Trained on the renderer's masks (ldm/data/render.py), it finds the subject in generated images, so
+that consistency can be measured inside the subject and diversity outside it.
+
+Conventions
+- Input images are (B, 3, H, W) in [-1, 1] with H, W divisible by 4; the output is logits
+  (B, H, W) at the input's resolution (positive = subject).
+- Architecture: a two-level encoder-decoder with skip connections (a U-Net in miniature); the
+  subject is large and smooth, so two halvings give enough context at 64 px.
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any, Mapping, Optional
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from ldm.eval.instrument_files import read_instrument, save_instrument
+
+FORMAT_NAME = "ldm.eval.segmenter/v1"
+
+
+@dataclass(frozen=True)
+class SegmenterConfig:
+    width: int = 16  # channels at full resolution; doubled at each of the two lower levels
+
+
+def _block(c_in: int, c_out: int) -> nn.Sequential:
+    return nn.Sequential(nn.Conv2d(c_in, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True),
+                         nn.Conv2d(c_out, c_out, 3, padding=1, bias=False), nn.BatchNorm2d(c_out), nn.ReLU(inplace=True))
+
+
+class SubjectSegmenter(nn.Module):
+    def __init__(self, config: SegmenterConfig = SegmenterConfig()) -> None:
+        super().__init__()
+        self.config = config
+        w = config.width
+        self.enc1, self.enc2, self.enc3 = _block(3, w), _block(w, 2 * w), _block(2 * w, 4 * w)
+        self.dec2, self.dec1 = _block(4 * w + 2 * w, 2 * w), _block(2 * w + w, w)
+        self.out = nn.Conv2d(w, 1, 1)
+
+    def forward(self, images: torch.Tensor) -> torch.Tensor:
+        """Images (B, 3, H, W) in [-1, 1] -> subject logits (B, H, W)."""
+        if images.dim() != 4 or images.shape[1] != 3 or images.shape[-1] % 4 or images.shape[-2] % 4:
+            raise ValueError(f"expected images (B, 3, H, W) with H, W divisible by 4, got {tuple(images.shape)}")
+        e1 = self.enc1(images)  # (B, w, H, W)
+        e2 = self.enc2(F.max_pool2d(e1, 2))  # (B, 2w, H/2, W/2)
+        e3 = self.enc3(F.max_pool2d(e2, 2))  # (B, 4w, H/4, W/4)
+        d2 = self.dec2(torch.cat([F.interpolate(e3, scale_factor=2.0, mode="nearest"), e2], dim=1))  # (B, 2w, H/2, W/2)
+        d1 = self.dec1(torch.cat([F.interpolate(d2, scale_factor=2.0, mode="nearest"), e1], dim=1))  # (B, w, H, W)
+        return self.out(d1)[:, 0]  # (B, H, W)
+
+    @staticmethod
+    def loss(logits: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+        """Per-pixel binary cross-entropy against (B, H, W) masks in {0, 1}."""
+        return F.binary_cross_entropy_with_logits(logits, masks.float())
+
+    @torch.no_grad()
+    def predict(self, images: torch.Tensor) -> torch.Tensor:
+        """Bool subject masks (B, H, W) (eval mode, no gradients)."""
+        was_training = self.training
+        self.eval()
+        try:
+            return self(images) > 0
+        finally:
+            self.train(was_training)
+
+
+def mask_iou(predicted: torch.Tensor, truth: torch.Tensor) -> torch.Tensor:
+    """Intersection over union of bool masks (B, H, W) per image (B,); two empty masks agree fully (1)."""
+    predicted, truth = predicted.bool(), truth.bool()
+    inter = (predicted & truth).flatten(1).sum(1).float()
+    union = (predicted | truth).flatten(1).sum(1).float()
+    return torch.where(union > 0, inter / union.clamp_min(1), torch.ones_like(union))
+
+
+def save_segmenter(model: SubjectSegmenter, path: str | Path, extra: Optional[Mapping[str, Any]] = None) -> None:
+    save_instrument(model, path, FORMAT_NAME, asdict(model.config), None, extra)
+
+
+def load_segmenter(path: str | Path, device: str = "cpu") -> SubjectSegmenter:
+    state, meta = read_instrument(path, FORMAT_NAME, device)
+    model = SubjectSegmenter(SegmenterConfig(**meta["config"]))
+    model.load_state_dict(state)
+    return model.to(device).eval()
