@@ -126,8 +126,10 @@ def train_instruments(config: Any, progress: bool = False) -> tuple[SceneClassif
     """Both instruments trained as `config.training` says, with their held-out numbers."""
     cfg = config.training
     seed, size = int(cfg.seed), int(cfg.size)
+    clock = time.time()
     train = render_world_set(int(cfg.train_size), seed, size, progress)
     held_out = render_world_set(int(cfg.val_size), seed + 1, size, progress)
+    seconds = {"render": time.time() - clock}
     common = dict(batch_size=int(cfg.batch_size), learning_rate=float(cfg.learning_rate),
                   weight_decay=float(cfg.weight_decay), warmup_fraction=float(cfg.warmup_fraction),
                   augment_fraction=float(cfg.augment_fraction), seed=seed, progress=progress)
@@ -135,12 +137,16 @@ def train_instruments(config: Any, progress: bool = False) -> tuple[SceneClassif
     torch.manual_seed(seed)
     classifier = SceneClassifier(instantiate_from_config(config.classifier))
     targets = train["labels"]
+    clock = time.time()
     classifier_losses = fit(classifier, lambda x, i: classifier.loss(classifier(x), {k: v[i] for k, v in targets.items()})[0],
                             train["images"], steps=int(cfg.classifier_steps), **common)
+    seconds["classifier_step"] = (time.time() - clock) / max(1, int(cfg.classifier_steps))
     torch.manual_seed(seed)
     segmenter = SubjectSegmenter(instantiate_from_config(config.segmenter))
+    clock = time.time()
     segmenter_losses = fit(segmenter, lambda x, i: segmenter.loss(segmenter(x), train["masks"][i]),
                            train["images"], steps=int(cfg.segmenter_steps), **common)
+    seconds["segmenter_step"] = (time.time() - clock) / max(1, int(cfg.segmenter_steps))
     numbers = {
         "held_out": f"{int(cfg.val_size)} renders of data seed {seed + 1}",
         "classifier_accuracy": {"clean": evaluate_classifier(classifier, held_out),
@@ -149,6 +155,8 @@ def train_instruments(config: Any, progress: bool = False) -> tuple[SceneClassif
                           "degraded": evaluate_segmenter(segmenter, held_out, degrade_seed=12345)},
         "final_loss": {"classifier": float(np.mean(classifier_losses[-20:])),
                        "segmenter": float(np.mean(segmenter_losses[-20:]))},
+        # Wall-clock seconds (rendering both sets; one training step of each), to size the full run.
+        "seconds": {k: round(v, 4) for k, v in seconds.items()},
     }
     return classifier, segmenter, numbers
 
@@ -183,6 +191,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
         accuracy = numbers["classifier_accuracy"][kind]
         print(f"{kind:9s} " + "  ".join(f"{k}={v:.3f}" for k, v in accuracy.items())
               + f"  mask_iou={numbers['segmenter_iou'][kind]:.3f}")
+    print("seconds: " + "  ".join(f"{k}={v}" for k, v in numbers["seconds"].items()))
     command = "python scripts/train_world_instruments.py " + " ".join(sys.argv[1:] if argv is None else argv)
     info = {"command": command, "run_config": OmegaConf.to_container(config, resolve=True), **numbers}
     save_scene_classifier(classifier, out_dir / OUTPUTS[0], extra=info)

@@ -104,7 +104,7 @@ def test_training_reduces_the_segmenter_loss(tiny_data):
 def test_segmenter_predicts_a_mask_per_pixel():
     masks = SubjectSegmenter(SegmenterConfig(width=4)).predict(torch.zeros(2, 3, 64, 64))
     assert masks.shape == (2, 64, 64) and masks.dtype == torch.bool
-    with pytest.raises(ValueError, match="divisible by 4"):
+    with pytest.raises(ValueError, match="divisible by 8"):
         SubjectSegmenter(SegmenterConfig(width=4))(torch.zeros(1, 3, 30, 30))
 
 
