@@ -120,3 +120,15 @@ def test_attributes_of_lists_subject_specific_attributes():
     assert attributes_of("face") == ("skin", "hair_colour", "hair_style", "glasses", "shirt", "backdrop")
     assert "pattern" in attributes_of("vase") and "glasses" not in attributes_of("vase")
     assert set(SUBJECTS) == {"chair", "table", "lamp", "vase", "face"}
+
+
+def test_sample_grid_script_writes_the_same_png_for_the_same_arguments(tmp_path):
+    from tests.conftest import load_script
+    script = load_script("render_world_samples")
+    args = ["--count", "3", "--columns", "3", "--masks"]
+    script.main(["--out", str(tmp_path / "a.png"), *args])
+    script.main(["--out", str(tmp_path / "b.png"), *args])
+    assert (tmp_path / "a.png").read_bytes() == (tmp_path / "b.png").read_bytes()
+    with pytest.raises(script.UsageError, match="--mention-prob"):
+        script.main(["--out", str(tmp_path / "c.png"), "--mention-prob", "2"])
+    assert not (tmp_path / "c.png").exists()
