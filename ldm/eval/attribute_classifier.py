@@ -25,9 +25,9 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from safetensors import safe_open
-from safetensors.torch import save_file
 
 from ldm.data.synthetic import CLASSES, COLOURS, FACINGS, PATTERNS, SIZES
+from ldm.eval.instrument_files import save_instrument
 
 DEFAULT_PATH = Path(__file__).resolve().parents[2] / "models" / "demo" / "attribute_classifier.safetensors"
 FORMAT_NAME = "ldm.eval.attribute_classifier/v1"
@@ -174,20 +174,11 @@ class AttributeClassifier(nn.Module):
 def save_attribute_classifier(model: AttributeClassifier, path: str | Path,
                               extra_metadata: Optional[Mapping[str, Any]] = None) -> None:
     """Write weights as safetensors with the config, vocabulary and `extra_metadata` (JSON) in its metadata."""
-    metadata = {
-        "format": FORMAT_NAME,
-        "config": json.dumps(asdict(model.config)),
-        "vocab": json.dumps(model.vocab),
-        "size_scales": json.dumps(model.size_scales),
-        "regression_targets": json.dumps(list(REGRESSION_TARGETS)),
-    }
-    for key, value in (extra_metadata or {}).items():
-        if key in metadata:
+    own = {"size_scales": model.size_scales, "regression_targets": list(REGRESSION_TARGETS)}
+    for key in (extra_metadata or {}):
+        if key in own or key in ("format", "config", "vocab"):
             raise ValueError(f"extra_metadata key {key!r} is reserved for the classifier itself; rename it")
-        metadata[key] = json.dumps(value)
-    state = {k: v.detach().contiguous() for k, v in model.state_dict().items()}
-    Path(path).parent.mkdir(parents=True, exist_ok=True)
-    save_file(state, str(path), metadata=metadata)
+    save_instrument(model, path, FORMAT_NAME, asdict(model.config), model.vocab, {**own, **(extra_metadata or {})})
 
 
 def read_metadata(path: str | Path) -> dict[str, Any]:
