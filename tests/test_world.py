@@ -48,10 +48,10 @@ def test_fixing_an_attribute_the_subject_lacks_is_refused():
 
 def test_scene_refuses_values_outside_the_vocabulary_and_a_position_x_disagrees_with():
     with pytest.raises(InvalidValue, match="colour"):
-        Scene("chair", colour="pink", pattern="solid", size="small", facing="left", position="centre",
+        Scene("chair", y=0.3, colour="pink", pattern="solid", size="small", facing="left", position="centre",
               wall="white", floor="wood")
     with pytest.raises(InvalidValue, match="position"):
-        Scene("chair", x=-0.25, colour="red", pattern="solid", size="small", facing="left", position="right",
+        Scene("chair", x=-0.25, y=0.3, colour="red", pattern="solid", size="small", facing="left", position="right",
               wall="white", floor="wood")
 
 

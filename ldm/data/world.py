@@ -20,7 +20,7 @@ Conventions
 """
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, fields
+from dataclasses import asdict, dataclass
 from typing import Any, Mapping, Optional
 
 import numpy as np
@@ -114,6 +114,10 @@ class Scene:
         limit = FACE_X_RANGE if self.subject == "face" else FURNITURE_X_RANGE
         if not -limit <= self.x <= limit:
             raise InvalidValue("x", self.x, f"a {self.subject}'s centre offset must lie in [-{limit}, {limit}]")
+        if self.subject == "face" and self.y != 0.0:
+            raise InvalidValue("y", self.y, "a face is drawn at y = 0")
+        if self.subject != "face" and not FEET_RANGE[0] <= self.y <= FEET_RANGE[1]:
+            raise InvalidValue("y", self.y, f"furniture stands on the floor: y (its feet) must lie in {list(FEET_RANGE)}")
         if self.position is not None and position_name(self.x) != self.position:
             raise InvalidValue("position", self.position, f"x={self.x:.3f} lies in the {position_name(self.x)} third")
 
@@ -156,5 +160,3 @@ def sample_scene(rng: np.random.Generator, fixed: Optional[Mapping[str, str]] = 
     feet = FEET_RANGE[0] + unit_feet * (FEET_RANGE[1] - FEET_RANGE[0])
     return Scene(subject, x=float(np.clip(x, -FURNITURE_X_RANGE, FURNITURE_X_RANGE)), y=float(feet), **values)
 
-
-SCENE_FIELDS: tuple[str, ...] = tuple(f.name for f in fields(Scene))
