@@ -6,11 +6,15 @@
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts prompts.txt \\
         --features clip --feature-model openai/clip-vit-large-patch14
     torchrun --nproc_per_node 2 scripts/eval_consistency.py --demo  # jobs sharded over 2 processes
+    python scripts/eval_consistency.py --config CONFIG --ckpt CKPT --world v2 \
+        --classifier models/demo/v2/scene_classifier.safetensors --segmenter models/demo/v2/segmenter.safetensors
 
 Every configuration generates the same prompt sets from the same seeds (image i of the set with seed
 s starts from seed 1000*s + i), so differences come from sharing only. The run is in
 `ldm/eval/consistency.py`, which lists the modules of its parts (metrics, instruments, configurations,
-jobs, report); sharding over processes in `ldm/eval/distributed.py`.
+jobs, report); sharding over processes in `ldm/eval/distributed.py`. --world v2 measures a model of the
+world v2 (ldm/data/world.py) with its scene classifier and subject segmenter; its prompt file may hold
+stories, one prompt per image joined by ' | '.
 Outputs (results.md, results.csv, sets.csv, timing.csv, summary.json, one grid per configuration) go
 to --outdir, which must be new or empty; by default a new outputs/consistency/run-NNNN.
 """
@@ -27,16 +31,19 @@ from ldm.cli import (ArgumentParser, UsageError, check_checkpoint, choose_evalua
                      resolve_path, run_cli)
 from ldm.errors import InvalidValue  # noqa: E402
 from ldm.eval.configurations import CONFIGURATION_SYNTAX, resolve_configurations  # noqa: E402
-from ldm.eval.consistency import DEFAULT_PROMPTS, EvalRequest, check_results_folder, evaluate  # noqa: E402
+from ldm.eval.consistency import (DEFAULT_PROMPTS_BY_WORLD, WORLD_V2_CLASSIFIER, WORLD_V2_SEGMENTER,  # noqa: E402
+                                  EvalRequest, check_results_folder, evaluate)
 from ldm.eval.jobs import SEED_STRIDE, Sampling  # noqa: E402
 from ldm.eval.metrics import named_attributes  # noqa: E402
+from ldm.eval.prompt_sets import check_world_prompt_sets, refuse_stories  # noqa: E402
 from ldm.generation.inputs import read_prompt_file  # noqa: E402
 from ldm.generation.model import choose_device  # noqa: E402
 
 # The flag that sets each field the library may name in an error.
 FLAGS = {"configs": "--configs", "prompt": "--prompts", "prompt_file": "--prompts", "features": "--features",
          "feature_model": "--feature-model", "steps": "--steps", "scale": "--scale", "batch_size": "--set-size",
-         "device": "--device", "precision": "--precision"}
+         "device": "--device", "precision": "--precision",
+         "classifier": "--classifier", "segmenter": "--segmenter"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -53,7 +60,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                        help="CPU threads; CPU results are reproducible for the same value (default 1)")
     run = parser.add_argument_group("what to generate")
     run.add_argument("--prompts", type=str, default=None,
-                     help=f"text file, one prompt per line (default: {', '.join(DEFAULT_PROMPTS)})")
+                     help="text file, one prompt set per line: a prompt, or (--world v2) a story of one prompt "
+                          "per image joined by ' | ' (default: a list for each world, ldm/eval/prompt_sets.py)")
     run.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated set seeds (default 0,1,2)")
     run.add_argument("--set-size", type=int, default=4, help="images per prompt set, generated as one batch")
     run.add_argument("--steps", type=int, default=None, help="DDIM steps (demo 25, SD v1 50)")
@@ -65,7 +73,13 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          help="measure with a transformers image model instead of the attribute classifier")
     measure.add_argument("--feature-model", type=str, default=None,
                          help="local folder or cached hub id of that model (never downloaded)")
-    measure.add_argument("--classifier", type=str, default=None, help="attribute classifier (default: the shipped one)")
+    measure.add_argument("--world", choices=["v1", "v2"], default="v1",
+                         help="v1: the synthetic objects and their attribute classifier; v2: the scenes of "
+                              "ldm/data/world.py, measured by a scene classifier and a subject segmenter")
+    measure.add_argument("--classifier", type=str, default=None,
+                         help=f"attribute classifier (v1 default: the shipped one; v2: {WORLD_V2_CLASSIFIER})")
+    measure.add_argument("--segmenter", type=str, default=None,
+                         help=f"--world v2 only: subject segmenter (default {WORLD_V2_SEGMENTER})")
     parser.add_argument("--outdir", type=str, default=None, help="new or empty folder for the results")
     opt = parser.parse_args(argv)
     choose_evaluated_model(opt)
@@ -90,11 +104,27 @@ def build_request(opt: argparse.Namespace) -> EvalRequest:
         raise UsageError(f"--threads must be at least 1, got {opt.threads}")
     if (opt.features is None) != (opt.feature_model is None):
         raise UsageError("--features and --feature-model go together, e.g. --features clip --feature-model PATH")
+    if opt.world == "v1" and opt.segmenter is not None:
+        raise UsageError("--segmenter measures the world v2's scenes; add --world v2 or drop --segmenter")
+    if opt.world == "v2" and opt.features is not None:
+        raise UsageError("--world v2 measures with its own classifier and segmenter; drop --features or --world v2")
     seeds = parse_seeds(opt.seeds)
-    prompts = tuple(read_prompt_file(resolve_path(opt.prompts))) if opt.prompts else DEFAULT_PROMPTS
-    if opt.features is None:
-        for prompt in prompts:
-            named_attributes(prompt)  # an ambiguous prompt is an error before anything runs
+    prompts = (tuple(read_prompt_file(resolve_path(opt.prompts))) if opt.prompts
+               else DEFAULT_PROMPTS_BY_WORLD[opt.world])
+    if opt.world == "v2":
+        check_world_prompt_sets(prompts)  # a word the world does not know is an error before anything runs
+        classifier = resolve_path(opt.classifier or str(WORLD_V2_CLASSIFIER))
+        segmenter = resolve_path(opt.segmenter or str(WORLD_V2_SEGMENTER))
+        for flag, path in (("--classifier", classifier), ("--segmenter", segmenter)):
+            if not path.is_file():
+                raise UsageError(f"{flag} {path}: no such file; train the world v2 instruments with "
+                                 "scripts/train_world_instruments.py (configs/demo/v2/README.md) or pass their paths")
+    else:
+        refuse_stories(prompts)
+        classifier, segmenter = (resolve_path(opt.classifier) if opt.classifier else None), None
+        if opt.features is None:
+            for prompt in prompts:
+                named_attributes(prompt)  # an ambiguous prompt is an error before anything runs
     spec = model_spec(opt)
     ckpt_path = check_checkpoint(opt)
     configurations = resolve_configurations(opt.configs.split(","), spec.unet)
@@ -113,8 +143,8 @@ def build_request(opt: argparse.Namespace) -> EvalRequest:
         config_path=spec.config_path, ckpt_path=ckpt_path, configurations=tuple(configurations), prompts=prompts,
         seeds=seeds, sampling=sampling, outdir=outdir, device=opt.device, use_ema=opt.use_ema,
         features=opt.features, feature_model=opt.feature_model,
-        classifier_path=resolve_path(opt.classifier) if opt.classifier else None, threads=opt.threads,
-        synthetic_model=opt.demo)
+        classifier_path=classifier, threads=opt.threads, synthetic_model=opt.demo, world=opt.world,
+        segmenter_path=segmenter)
 
 
 def main(argv: Optional[Sequence[str]] = None) -> Optional[Path]:

@@ -5,6 +5,8 @@ within it. A *job* is one (configuration, seed, prompt set); image i of a set wi
 the noise of seed `s * SEED_STRIDE + i`, the same in every configuration, so differences between
 configurations come from sharing alone. Each job is measured on its own:
 
+With the synthetic objects of v1 (the default; the world v2 below):
+
 - subject consistency: pairwise agreement, within the set, of the predicted labels of every
   attribute (class, colour, pattern) the prompt does not name (`ldm.data.synthetic.parse_prompt`),
   and the mean pairwise cosine similarity of the images' features;
@@ -12,6 +14,12 @@ configurations come from sharing alone. Each job is measured on its own:
   feature model: the cosine of the image and prompt embeddings instead);
 - layout diversity: the spread (population std) of predicted x, y and size within the set.
   Sharing is meant to make appearance consistent without collapsing layouts.
+
+With the world v2 (ldm/data/world.py; `world` "v2"), a scene classifier and a subject segmenter
+measure each set (`ldm.eval.metrics_v2`): agreement of every attribute the prompts leave open, colour
+similarity inside the subject masks, diversity of the backgrounds (labels and colours outside the
+masks), accuracy of every named attribute and of the class, layout spreads and mask overlap. A set
+may be a story, one prompt per image (`ldm.eval.prompt_sets`).
 
 Per (configuration, seed) the set values are averaged over prompt sets; per configuration the
 report gives mean and sample std (ddof 1) over seeds. A value that does not apply (an attribute the
@@ -23,8 +31,10 @@ identical for identical arguments on the CPU; times and memory (timing.csv) are 
 
 The parts, each in its own module of `ldm.eval`:
 
-- `metrics`: the metrics of one prompt set and the descriptions of every metric and timing column;
-- `instruments`: what measures the images (attribute classifier, DINO / CLIP feature models);
+- `metrics`, `metrics_v2`: the metrics of one prompt set (v1, world v2) and their descriptions;
+- `prompt_sets`: the default prompt sets and stories (one prompt per image);
+- `instruments`: what measures the images (attribute classifier, world v2 classifier and segmenter,
+  DINO / CLIP feature models);
 - `configurations`: the configurations compared, their syntax and the default list;
 - `jobs`: jobs, their results and `SetRunner`, which generates and measures one job;
 - `report`: aggregation over sets and seeds and the files written;
@@ -40,13 +50,18 @@ from typing import Any, Optional
 import torch
 
 from ldm.eval.configurations import Configuration
-from ldm.eval.instruments import AttributeInstrument, FeatureModelInstrument
+from ldm.eval.instruments import AttributeInstrument, FeatureModelInstrument, load_world_instruments
 from ldm.eval.jobs import SEED_STRIDE, Sampling, SetRunner, make_jobs
+from ldm.eval.prompt_sets import SYNTHETIC_PROMPTS, WORLD_V2_PROMPTS
 from ldm.eval.report import write_report
 from ldm.generation.outputs import check_output_folder, new_numbered_folder
 
-DEFAULT_PROMPTS = ("a chair", "a table", "a lamp", "a vase", "a red chair", "a striped vase")
+DEFAULT_PROMPTS = SYNTHETIC_PROMPTS
+DEFAULT_PROMPTS_BY_WORLD = {"v1": SYNTHETIC_PROMPTS, "v2": WORLD_V2_PROMPTS}
 DEFAULT_OUTPUT_ROOT = Path("outputs") / "consistency"
+# Where scripts/train_world_instruments.py writes the world v2 instruments (configs/demo/v2/README.md).
+WORLD_V2_CLASSIFIER = Path("models") / "demo" / "v2" / "scene_classifier.safetensors"
+WORLD_V2_SEGMENTER = Path("models") / "demo" / "v2" / "segmenter.safetensors"
 
 
 @dataclass(frozen=True)
@@ -67,6 +82,8 @@ class EvalRequest:
     classifier_path: Optional[Path] = None
     threads: int = 1
     synthetic_model: bool = True  # a model trained on ldm.data.synthetic, which the classifier reads
+    world: str = "v1"  # "v2": measure with the world v2 instruments (classifier_path, segmenter_path)
+    segmenter_path: Optional[Path] = None
 
 
 def check_results_folder(outdir: Optional[Path]) -> None:
@@ -89,6 +106,9 @@ def create_output_folder(outdir: Optional[Path]) -> Path:
 def _instrument(request: EvalRequest, device: torch.device) -> Any:
     if request.features is not None:
         return FeatureModelInstrument.load(request.features, request.feature_model, device)
+    if request.world == "v2":
+        return load_world_instruments(request.classifier_path or WORLD_V2_CLASSIFIER,
+                                      request.segmenter_path or WORLD_V2_SEGMENTER, device)
     from ldm.eval.attribute_classifier import load_attribute_classifier
     return AttributeInstrument(load_attribute_classifier(request.classifier_path, device=device), device)
 
@@ -100,7 +120,10 @@ def _notes(request: EvalRequest) -> list[str]:
     if request.features is not None:
         notes.append(f"--features {request.features}: the attribute classifier was not used, so agreement, "
                      "accuracy and layout spread are left empty")
-    elif not request.synthetic_model:
+    elif request.world == "v2" and request.synthetic_model:
+        notes.append("the world v2 instruments read scenes of ldm.data.world; the shipped demo model draws v1's "
+                     "synthetic objects, so their labels mean little for it")
+    elif not request.synthetic_model and request.world == "v1":
         notes.append("the attribute classifier was trained on the synthetic objects of ldm.data.synthetic; "
                      "for other models its labels mean little (use --features dino or clip)")
     if request.sampling.set_size < 2:
@@ -148,9 +171,10 @@ def evaluate(request: EvalRequest) -> Optional[Path]:
                 "prompts": list(request.prompts), "seeds": list(request.seeds), "seed_stride": SEED_STRIDE,
                 "instrument": runner.instrument.description, "device": str(group.device),
                 "precision": precision_used(request.sampling.precision, group.device), "threads": request.threads,
-                "processes": group.world_size, "torch": torch.__version__,
+                "processes": group.world_size, "torch": torch.__version__, "world": request.world,
             }
-            write_report(Path(folder), results, request.configurations, run_info, _notes(request))
+            write_report(Path(folder), results, request.configurations, run_info, _notes(request),
+                         runner.instrument.metric_set)
             return Path(folder)
     finally:
         torch.set_num_threads(previous_threads)

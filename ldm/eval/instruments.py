@@ -1,12 +1,18 @@
 """Instruments: what measures the images of a prompt set and turns them into its metrics.
 
-Each instrument has a `description` (for the report) and `measure(prompt, images) -> (metrics,
-labels)`, metrics keyed as `ldm.eval.metrics.METRICS`. Images are the 8-bit PIL pictures the report
-shows: the attribute classifier sees them as (B, 3, H, W) in [-1, 1], `transformers` processors get
+Each instrument has a `description` (for the report), a `metric_set` (`ldm.eval.metrics.MetricSet`:
+the metrics it writes) and `measure(line, images) -> (metrics, labels)`, where `line` is the set's
+line of the prompt file (`ldm.eval.prompt_sets`). Images are the 8-bit PIL pictures the report shows:
+the classifiers and the segmenter see them as (B, 3, H, W) in [-1, 1], `transformers` processors get
 the PIL images themselves. Feature models load from local files only; nothing is downloaded.
+
+- `AttributeInstrument`: v1's attribute classifier, for models of the synthetic objects;
+- `WorldInstrument`: the world v2's scene classifier and subject segmenter (`ldm.eval.metrics_v2`);
+- `FeatureModelInstrument`: a DINO or CLIP model from `transformers`, for any model.
 """
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any, Sequence
 
 import numpy as np
@@ -14,7 +20,10 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.eval.metrics import NAMED_ATTRIBUTES, attribute_metrics, blank_metrics, mean_pairwise_cosine
+from ldm.eval.metrics import (NAMED_ATTRIBUTES, SYNTHETIC_METRICS, attribute_metrics, blank_metrics,
+                              mean_pairwise_cosine)
+from ldm.eval.metrics_v2 import ATTRIBUTES, WORLD_V2_METRICS, world_metrics
+from ldm.eval.prompt_sets import image_prompts
 from ldm.errors import InvalidValue
 
 
@@ -27,6 +36,7 @@ class AttributeInstrument:
     """The attribute classifier of `ldm.eval.attribute_classifier` (for the synthetic-object models)."""
 
     description = "attribute classifier"
+    metric_set = SYNTHETIC_METRICS
 
     def __init__(self, classifier: torch.nn.Module, device: torch.device) -> None:
         self.classifier, self.device = classifier.to(device).eval(), device
@@ -41,12 +51,62 @@ class AttributeInstrument:
         return metrics, labels
 
 
+class WorldInstrument:
+    """The world v2's scene classifier (`ldm.eval.scene_classifier`) and subject segmenter
+    (`ldm.eval.segmenter`), for models of the world v2 (ldm/data/world.py)."""
+
+    description = "world v2 scene classifier and subject segmenter"
+    metric_set = WORLD_V2_METRICS
+
+    def __init__(self, classifier: torch.nn.Module, segmenter: torch.nn.Module, device: torch.device) -> None:
+        self.classifier, self.segmenter = classifier.to(device).eval(), segmenter.to(device).eval()
+        self.device = device
+
+    def measure(self, line: str, images: Sequence[Image.Image]) -> tuple[dict[str, float], dict[str, list[str]]]:
+        """(metrics, predicted labels per attribute, '' where the subject lacks it) of one set."""
+        x = images_to_tensor(images).to(self.device)
+        predictions = self.classifier.predict(x)
+        masks = self.segmenter.predict(x).cpu().numpy()  # (B, H, W) bool
+        pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (B, H, W, 3) uint8
+        metrics = world_metrics(image_prompts(line, len(images)), predictions, masks, pixels)
+        with torch.no_grad():
+            metrics["feature_sim"] = mean_pairwise_cosine(self.classifier.features(x))
+        labels = {name: ["" if v is None else v for v in predictions[name]] for name in ATTRIBUTES}
+        return metrics, labels
+
+
+def load_world_instruments(classifier_path: Path, segmenter_path: Path, device: torch.device) -> WorldInstrument:
+    """The world v2 instrument pair from its two files; an InvalidValue (field `classifier` or
+    `segmenter`) for a missing file, a file of another kind, or a classifier of another vocabulary."""
+    from ldm.checkpoint import CheckpointError
+    from ldm.data.world import VOCABULARY
+    from ldm.eval.scene_classifier import load_scene_classifier
+    from ldm.eval.segmenter import load_segmenter
+
+    loaded = {}
+    for field, path, load in (("classifier", classifier_path, load_scene_classifier),
+                              ("segmenter", segmenter_path, load_segmenter)):
+        if not Path(path).is_file():
+            raise InvalidValue(field, path, "no such file; the world v2 instruments are written by "
+                                            "scripts/train_world_instruments.py (configs/demo/v2/README.md)")
+        try:
+            loaded[field] = load(path, device=str(device))
+        except (ValueError, CheckpointError, RuntimeError) as error:
+            raise InvalidValue(field, path, f"is not a world v2 {field} file ({error})") from None
+    vocab = {name: list(values) for name, values in VOCABULARY.items()}
+    if loaded["classifier"].vocab != vocab:
+        raise InvalidValue("classifier", classifier_path, "was trained on another vocabulary than ldm/data/world.py's; "
+                                                          "retrain it with scripts/train_world_instruments.py")
+    return WorldInstrument(loaded["classifier"], loaded["segmenter"], device)
+
+
 class FeatureModelInstrument:
     """A `transformers` image model: DINO-style (`AutoModel`, CLS token) or CLIP (`CLIPModel`, projected
     embeddings, plus the prompt for a text-image score). Loaded from local files only."""
 
     def __init__(self, kind: str, model: torch.nn.Module, processor: Any, device: torch.device) -> None:
         self.kind, self.model, self.processor, self.device = kind, model.to(device).eval(), processor, device
+        self.metric_set = SYNTHETIC_METRICS
         self.description = f"{kind} image features of `{getattr(model, 'name_or_path', '') or type(model).__name__}`"
 
     @classmethod

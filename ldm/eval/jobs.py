@@ -4,7 +4,8 @@ A job is one (configuration, seed, prompt set); image i of the set with seed s s
 of seed `s * SEED_STRIDE + i`, the same in every configuration, so differences between configurations
 come from sharing alone. `SetRunner` generates a job's set in one batch through the generation core
 (`ldm.generation.generate`: DDIM, eta 0, the model's native size), times sampling and decoding, and
-measures the images with an instrument (`ldm.eval.instruments`).
+measures the images with an instrument (`ldm.eval.instruments`). A job's prompt is its line of the
+prompt file: one prompt for every image, or a story with one per image (`ldm.eval.prompt_sets`).
 """
 from __future__ import annotations
 
@@ -19,6 +20,7 @@ import torch
 from PIL import Image
 
 from ldm.eval.configurations import Configuration
+from ldm.eval.prompt_sets import generation_prompt
 from ldm.generation.generate import generate
 from ldm.generation.model import LoadedModel
 from ldm.generation.request import GenerationRequest
@@ -70,8 +72,8 @@ class Sampling:
 
     def request(self, prompt: str, first_seed: int, sharing: Optional[SharedAttentionSettings],
                 steps: Optional[int] = None) -> GenerationRequest:
-        """The generation of one set: image i from seed first_seed + i."""
-        return GenerationRequest(prompt=prompt, seed=first_seed, batch_size=self.set_size, sampler="ddim",
+        """The generation of one set (`prompt` a line of the prompt file): image i from seed first_seed + i."""
+        return GenerationRequest(prompt=generation_prompt(prompt, self.set_size), seed=first_seed, batch_size=self.set_size, sampler="ddim",
                                  steps=steps or self.steps, scale=self.scale, eta=0.0, sharing=sharing,
                                  precision=self.precision)
 

@@ -4,11 +4,13 @@ Within a set: pairwise agreement of the predicted labels of each attribute (clas
 the prompt leaves open (`ldm.data.synthetic.parse_prompt`), accuracy of those it names, mean pairwise
 cosine similarity of image features, and the spread (population std) of predicted x, y and size.
 A value that does not apply is NaN. Also the descriptions of every metric (METRICS) and timing
-column (TIMING) that the report writes next to the numbers.
+column (TIMING) that the report writes next to the numbers, and `MetricSet`: which metrics a kind of
+instrument writes and reports (`SYNTHETIC_METRICS` here, the world v2's in `ldm.eval.metrics_v2`).
 """
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Mapping, Sequence
 
@@ -38,6 +40,24 @@ METRICS: dict[str, str] = {
     "spread_y": "std within a set of the predicted vertical position (fraction of the image side)",
     "spread_size": "std within a set of the predicted size scale",
 }
+
+
+@dataclass(frozen=True)
+class MetricSet:
+    """The metrics one kind of instrument writes (`descriptions`, in column order), the columns of the
+    report's main table and the ones whose change from 'off' it pairs by seed."""
+
+    descriptions: Mapping[str, str]
+    report_columns: tuple[str, ...]
+    paired_columns: tuple[str, ...]
+
+
+SYNTHETIC_METRICS = MetricSet(
+    descriptions=METRICS,
+    report_columns=("agreement", "agree_colour", "agree_pattern", "feature_sim", "acc_cls", "acc_specified",
+                    "text_image", "spread_x", "spread_y", "spread_size"),
+    paired_columns=("agreement", "feature_sim", "acc_cls", "acc_specified", "text_image"),
+)
 TIMING: dict[str, str] = {
     "sec_per_image": "seconds per image, sampling and decoding (not measuring)",
     "peak_memory_mb": "peak memory: CUDA max_memory_allocated per set; on the CPU the process's peak RSS "

@@ -4,7 +4,8 @@ Per (configuration, seed) each metric is averaged over the prompt sets; per conf
 gives mean and sample std (ddof 1) over seeds, and, when 'off' was run, each configuration's change
 from 'off' paired by seed. Writes results.md, results.csv, sets.csv, timing.csv,
 summary.json and one labelled image grid per configuration, never overwriting a file. NaN (a value
-that does not apply) is an empty CSV cell, null in JSON and '–' in markdown.
+that does not apply) is an empty CSV cell, null in JSON and '–' in markdown. Which metrics are
+written, shown and paired is the instrument's `ldm.eval.metrics.MetricSet`.
 """
 from __future__ import annotations
 
@@ -21,25 +22,19 @@ from PIL import Image
 
 from ldm.eval.configurations import Configuration
 from ldm.eval.jobs import SEED_STRIDE, SetResult
-from ldm.eval.metrics import METRICS, TIMING, finite_mean
+from ldm.eval.metrics import SYNTHETIC_METRICS, TIMING, MetricSet, finite_mean
 from ldm.generation import image_grid
-
-# The columns of results.md, in order (columns empty for every configuration are left out).
-REPORT_COLUMNS = ("agreement", "agree_colour", "agree_pattern", "feature_sim", "acc_cls", "acc_specified",
-                  "text_image", "spread_x", "spread_y", "spread_size")
-# The metrics whose change from 'off' the report pairs by seed.
-PAIRED_COLUMNS = ("agreement", "feature_sim", "acc_cls", "acc_specified", "text_image")
 
 
 def per_seed(results: Sequence[SetResult], configurations: Sequence[Configuration],
-             seeds: Sequence[int]) -> list[dict[str, Any]]:
+             seeds: Sequence[int], metric_set: MetricSet = SYNTHETIC_METRICS) -> list[dict[str, Any]]:
     """One row per (configuration, seed): each metric averaged over the prompt sets, plus timing."""
     rows = []
     for configuration in configurations:
         for seed in seeds:
             sets = [r for r in results if r.job.configuration == configuration.name and r.job.seed == seed]
             row: dict[str, Any] = {"configuration": configuration.name, "seed": seed}
-            row.update({m: finite_mean([r.metrics[m] for r in sets]) for m in METRICS})
+            row.update({m: finite_mean([r.metrics[m] for r in sets]) for m in metric_set.descriptions})
             row["sec_per_image"] = sum(r.seconds for r in sets) / sum(len(r.image_seeds) for r in sets)
             row["peak_memory_mb"] = max(r.peak_memory_mb for r in sets)
             rows.append(row)
@@ -58,20 +53,21 @@ def over_seeds(values: np.ndarray, extremes: bool = False) -> dict[str, Any]:
     return stats
 
 
-def summarize(seed_rows: Sequence[Mapping[str, Any]], configurations: Sequence[Configuration]) -> dict[str, dict]:
+def summarize(seed_rows: Sequence[Mapping[str, Any]], configurations: Sequence[Configuration],
+              metric_set: MetricSet = SYNTHETIC_METRICS) -> dict[str, dict]:
     """configuration -> metric -> {"mean", "std", "n_seeds"} over the seeds with a value (std ddof 1)."""
     summary: dict[str, dict] = {}
     for configuration in configurations:
         rows = [r for r in seed_rows if r["configuration"] == configuration.name]
         summary[configuration.name] = {}
-        for metric in (*METRICS, *TIMING):
+        for metric in (*metric_set.descriptions, *TIMING):
             values = np.array([r[metric] for r in rows], dtype=np.float64)
             summary[configuration.name][metric] = over_seeds(values)
     return summary
 
 
-def changes_from_off(seed_rows: Sequence[Mapping[str, Any]],
-                     configurations: Sequence[Configuration]) -> dict[str, dict]:
+def changes_from_off(seed_rows: Sequence[Mapping[str, Any]], configurations: Sequence[Configuration],
+                     metric_set: MetricSet = SYNTHETIC_METRICS) -> dict[str, dict]:
     """configuration -> metric -> {"mean", "std", "min", "max", "n_seeds"} of (value - value of 'off')
     taken seed by seed; empty when 'off' was not run.
 
@@ -87,7 +83,7 @@ def changes_from_off(seed_rows: Sequence[Mapping[str, Any]],
             continue
         rows = [r for r in seed_rows if r["configuration"] == configuration.name and r["seed"] in baseline]
         changes[configuration.name] = {}
-        for metric in PAIRED_COLUMNS:
+        for metric in metric_set.paired_columns:
             values = np.array([r[metric] - baseline[r["seed"]][metric] for r in rows], dtype=np.float64)
             changes[configuration.name][metric] = over_seeds(values, extremes=True)
     return changes
@@ -130,8 +126,9 @@ def _change(entry: Mapping[str, Any]) -> str:
     return f"{text} ({entry['min']:+.3f} to {entry['max']:+.3f})" if entry["n_seeds"] > 1 else text
 
 
-def _changes_table(changes: Mapping[str, dict], configurations: Sequence[Configuration]) -> list[str]:
-    shown = [m for m in PAIRED_COLUMNS if any(not math.isnan(changes[name][m]["mean"]) for name in changes)]
+def _changes_table(changes: Mapping[str, dict], configurations: Sequence[Configuration],
+                   paired_columns: Sequence[str]) -> list[str]:
+    shown = [m for m in paired_columns if any(not math.isnan(changes[name][m]["mean"]) for name in changes)]
     if not changes or not shown:
         return []
     header = ["configuration", *(f"Δ {m}" for m in shown)]
@@ -148,8 +145,8 @@ def _changes_table(changes: Mapping[str, dict], configurations: Sequence[Configu
 
 def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Configuration],
                     run_info: Mapping[str, Any], notes: Sequence[str],
-                    changes: Mapping[str, dict] | None = None) -> str:
-    shown = [m for m in REPORT_COLUMNS if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
+                    changes: Mapping[str, dict] | None = None, metric_set: MetricSet = SYNTHETIC_METRICS) -> str:
+    shown = [m for m in metric_set.report_columns if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
     header = ["configuration", *shown, "s / image", "peak MB"]
     lines = [
         "# Batch-shared attention: consistency evaluation", "",
@@ -164,8 +161,8 @@ def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Config
                  _mean_std(summary[c.name]["sec_per_image"], 3), _mean_std(summary[c.name]["peak_memory_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± std over seeds; a seed's value is the mean over its prompt sets."]
-    lines += [*_changes_table(changes or {}, configurations), ""]
-    lines += [f"- `{m}`: {METRICS[m]}" for m in shown]
+    lines += [*_changes_table(changes or {}, configurations, metric_set.paired_columns), ""]
+    lines += [f"- `{m}`: {metric_set.descriptions[m]}" for m in shown]
     lines += ["- `s / image`: " + TIMING["sec_per_image"], "- `peak MB`: " + TIMING["peak_memory_mb"]]
     if notes:
         lines += ["", "Notes:", *(f"- {note}" for note in notes)]
@@ -177,24 +174,26 @@ def grid_file_name(position: int, name: str) -> str:
 
 
 def write_report(outdir: Path, results: Sequence[SetResult], configurations: Sequence[Configuration],
-                 run_info: Mapping[str, Any], notes: Sequence[str]) -> list[Path]:
+                 run_info: Mapping[str, Any], notes: Sequence[str], metric_set: MetricSet = SYNTHETIC_METRICS
+                 ) -> list[Path]:
     """results.md, results.csv (quality, per configuration x seed), sets.csv (per set), timing.csv,
     summary.json and one labelled grid per configuration; returns the paths written."""
     results = sorted(results, key=lambda r: r.job.index)
     seeds = list(run_info["seeds"])
-    seed_rows = per_seed(results, configurations, seeds)
-    summary = summarize(seed_rows, configurations)
-    changes = changes_from_off(seed_rows, configurations)
+    seed_rows = per_seed(results, configurations, seeds, metric_set)
+    summary = summarize(seed_rows, configurations, metric_set)
+    changes = changes_from_off(seed_rows, configurations, metric_set)
+    metrics = list(metric_set.descriptions)
     paths = {name: outdir / name for name in ("results.md", "results.csv", "sets.csv", "timing.csv", "summary.json")}
-    write_csv(paths["results.csv"], seed_rows, ["configuration", "seed", *METRICS])
+    write_csv(paths["results.csv"], seed_rows, ["configuration", "seed", *metrics])
     write_csv(paths["timing.csv"], seed_rows, ["configuration", "seed", *TIMING])
     label_names = sorted({name for r in results for name in r.labels})
     set_rows = [{"configuration": r.job.configuration, "seed": r.job.seed, "set": r.job.set_index,
                  "prompt": r.job.prompt, "image_seeds": " ".join(map(str, r.image_seeds)), **r.metrics,
                  **{f"labels_{n}": "|".join(r.labels.get(n, [])) for n in label_names}} for r in results]
-    write_csv(paths["sets.csv"], set_rows, ["configuration", "seed", "set", "prompt", "image_seeds", *METRICS,
+    write_csv(paths["sets.csv"], set_rows, ["configuration", "seed", "set", "prompt", "image_seeds", *metrics,
                                             *(f"labels_{n}" for n in label_names)])
-    report = markdown_report(summary, configurations, run_info, notes, changes)
+    report = markdown_report(summary, configurations, run_info, notes, changes, metric_set)
     paths["results.md"].write_text(report, encoding="utf-8")
     grids = []
     for position, configuration in enumerate(configurations):
@@ -204,7 +203,7 @@ def write_report(outdir: Path, results: Sequence[SetResult], configurations: Seq
         grids.append(outdir / grid_file_name(position, configuration.name))
         image_grid(rows, row_labels=labels).save(grids[-1], format="PNG")
     document = {"run": dict(run_info), "configurations": [c.as_metadata() for c in configurations],
-                "summary": summary, "change_from_off": changes, "metrics": METRICS, "timing": TIMING, "notes": list(notes),
+                "summary": summary, "change_from_off": changes, "metrics": dict(metric_set.descriptions), "timing": TIMING, "notes": list(notes),
                 "files": sorted(p.name for p in [*paths.values(), *grids])}
     paths["summary.json"].write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
     return [*paths.values(), *grids]
