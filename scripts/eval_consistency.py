@@ -6,7 +6,7 @@
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts prompts.txt \\
         --features clip --feature-model openai/clip-vit-large-patch14
     torchrun --nproc_per_node 2 scripts/eval_consistency.py --demo  # jobs sharded over 2 processes
-    python scripts/eval_consistency.py --config CONFIG --ckpt CKPT --world v2 \
+    python scripts/eval_consistency.py --config CONFIG --ckpt CKPT --world v2 \\
         --classifier models/demo/v2/scene_classifier.safetensors --segmenter models/demo/v2/segmenter.safetensors
 
 Every configuration generates the same prompt sets from the same seeds (image i of the set with seed

@@ -251,7 +251,11 @@ def test_world_v2_run_writes_the_v2_metrics_for_every_set(world_run):
     assert all(row["agree_colour"] == "" and row["acc_colour"] != "" and row["acc_glasses"] == "" for row in chair)
     summary = json.loads((world_run / "summary.json").read_text())
     assert summary["run"]["world"] == "v2" and set(summary["metrics"]) == set(metrics)
-    assert "mask_iou" in (world_run / "results.md").read_text()
+    report = (world_run / "results.md").read_text()
+    assert "| `off` |" in report.split("Change from `off`")[0] and "mask_iou" in report
+    detail = report.split("Per attribute")[1].splitlines()
+    header = next(line for line in detail if line.startswith("| configuration"))
+    assert "acc_wall" in header and "acc_glasses" in header and "acc_pattern" not in header  # none names it
 
 
 def test_world_v2_run_is_reproducible(world_run, tiny_model, files, tmp_path):

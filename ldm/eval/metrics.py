@@ -45,11 +45,13 @@ METRICS: dict[str, str] = {
 @dataclass(frozen=True)
 class MetricSet:
     """The metrics one kind of instrument writes (`descriptions`, in column order), the columns of the
-    report's main table and the ones whose change from 'off' it pairs by seed."""
+    report's main table, the ones whose change from 'off' it pairs by seed, and those of its
+    per-attribute table (none for v1, whose attributes are all in the main table)."""
 
     descriptions: Mapping[str, str]
     report_columns: tuple[str, ...]
     paired_columns: tuple[str, ...]
+    detail_columns: tuple[str, ...] = ()
 
 
 SYNTHETIC_METRICS = MetricSet(

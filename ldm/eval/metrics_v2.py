@@ -70,6 +70,7 @@ WORLD_V2_METRICS = MetricSet(
                     "acc_specified", "mask_iou", "spread_x", "spread_y", "spread_size"),
     paired_columns=("agreement", "subject_hist_sim", "bg_diversity", "bg_hist_dist", "acc_subject",
                     "acc_specified", "mask_iou"),
+    detail_columns=(*(f"agree_{a}" for a in ATTRIBUTES), *(f"acc_{a}" for a in ATTRIBUTES)),
 )
 
 

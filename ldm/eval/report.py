@@ -143,6 +143,21 @@ def _changes_table(changes: Mapping[str, dict], configurations: Sequence[Configu
     return lines
 
 
+def _detail_table(summary: Mapping[str, dict], configurations: Sequence[Configuration],
+                  columns: Sequence[str]) -> list[str]:
+    """Per-attribute means (no std, to stay readable), columns with a value in some configuration."""
+    shown = [m for m in columns if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
+    if not shown:
+        return []
+    lines = ["", "Per attribute: mean over seeds of `agree_<attribute>` (prompts leaving it open) and "
+                 "`acc_<attribute>` (prompts naming it).", "",
+             "| " + " | ".join(["configuration", *shown]) + " |", "|" + "---|" * (len(shown) + 1)]
+    for c in configurations:
+        cells = ["–" if math.isnan(summary[c.name][m]["mean"]) else f"{summary[c.name][m]['mean']:.3f}" for m in shown]
+        lines.append("| " + " | ".join([f"`{c.name}`", *cells]) + " |")
+    return lines
+
+
 def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Configuration],
                     run_info: Mapping[str, Any], notes: Sequence[str],
                     changes: Mapping[str, dict] | None = None, metric_set: MetricSet = SYNTHETIC_METRICS) -> str:
@@ -161,7 +176,8 @@ def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Config
                  _mean_std(summary[c.name]["sec_per_image"], 3), _mean_std(summary[c.name]["peak_memory_mb"], 0)]
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± std over seeds; a seed's value is the mean over its prompt sets."]
-    lines += [*_changes_table(changes or {}, configurations, metric_set.paired_columns), ""]
+    lines += [*_changes_table(changes or {}, configurations, metric_set.paired_columns)]
+    lines += [*_detail_table(summary, configurations, metric_set.detail_columns), ""]
     lines += [f"- `{m}`: {metric_set.descriptions[m]}" for m in shown]
     lines += ["- `s / image`: " + TIMING["sec_per_image"], "- `peak MB`: " + TIMING["peak_memory_mb"]]
     if notes:
