@@ -207,8 +207,10 @@ def files(tmp_path_factory):
     model = randomize_(instantiate_from_config(OmegaConf.load(TINY_CONFIG).model), seed=0)
     safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
                                 str(folder / "tiny.safetensors"))
-    save_scene_classifier(randomize_(SceneClassifier(TINY_CLASSIFIER), seed=1).eval(), folder / "classifier.safetensors")
-    save_segmenter(randomize_(SubjectSegmenter(SegmenterConfig(width=4)), seed=2).eval(), folder / "segmenter.safetensors")
+    classifier = randomize_(SceneClassifier(TINY_CLASSIFIER), seed=1).eval()
+    save_scene_classifier(classifier, folder / "classifier.safetensors")
+    segmenter = randomize_(SubjectSegmenter(SegmenterConfig(width=4)), seed=2).eval()
+    save_segmenter(segmenter, folder / "segmenter.safetensors")
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return folder
 

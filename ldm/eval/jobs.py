@@ -73,9 +73,9 @@ class Sampling:
     def request(self, prompt: str, first_seed: int, sharing: Optional[SharedAttentionSettings],
                 steps: Optional[int] = None) -> GenerationRequest:
         """The generation of one set (`prompt` a line of the prompt file): image i from seed first_seed + i."""
-        return GenerationRequest(prompt=generation_prompt(prompt, self.set_size), seed=first_seed, batch_size=self.set_size, sampler="ddim",
-                                 steps=steps or self.steps, scale=self.scale, eta=0.0, sharing=sharing,
-                                 precision=self.precision)
+        return GenerationRequest(prompt=generation_prompt(prompt, self.set_size), seed=first_seed,
+                                 batch_size=self.set_size, sampler="ddim", steps=steps or self.steps,
+                                 scale=self.scale, eta=0.0, sharing=sharing, precision=self.precision)
 
 
 def reset_peak_memory(device: torch.device) -> None:

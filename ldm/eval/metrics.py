@@ -60,6 +60,7 @@ SYNTHETIC_METRICS = MetricSet(
                     "text_image", "spread_x", "spread_y", "spread_size"),
     paired_columns=("agreement", "feature_sim", "acc_cls", "acc_specified", "text_image"),
 )
+
 TIMING: dict[str, str] = {
     "sec_per_image": "seconds per image, sampling and decoding (not measuring)",
     "peak_memory_mb": "peak memory: CUDA max_memory_allocated per set; on the CPU the process's peak RSS "

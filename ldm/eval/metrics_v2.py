@@ -159,8 +159,10 @@ def world_metrics(prompts: Sequence[str], predictions: Mapping[str, Sequence[Opt
     metrics["bg_diversity"] = 1.0 - background
     metrics["acc_specified"] = finite_mean([metrics[f"acc_{a}"] for a in ATTRIBUTES if a != "subject"])
     masks = np.asarray(masks, dtype=bool)
-    metrics["subject_hist_sim"] = mean_histogram_intersection([colour_histogram(p, m) for p, m in zip(pixels, masks)])
-    metrics["bg_hist_dist"] = 1.0 - mean_histogram_intersection([colour_histogram(p, ~m) for p, m in zip(pixels, masks)])
+    inside = [colour_histogram(p, m) for p, m in zip(pixels, masks)]
+    outside = [colour_histogram(p, ~m) for p, m in zip(pixels, masks)]
+    metrics["subject_hist_sim"] = mean_histogram_intersection(inside)
+    metrics["bg_hist_dist"] = 1.0 - mean_histogram_intersection(outside)
     layouts = [layout for layout in map(mask_layout, masks) if layout is not None]
     for position, name in enumerate(("spread_x", "spread_y", "spread_size")):
         metrics[name] = spread([layout[position] for layout in layouts])

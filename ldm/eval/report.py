@@ -153,7 +153,8 @@ def _detail_table(summary: Mapping[str, dict], configurations: Sequence[Configur
                  "`acc_<attribute>` (prompts naming it).", "",
              "| " + " | ".join(["configuration", *shown]) + " |", "|" + "---|" * (len(shown) + 1)]
     for c in configurations:
-        cells = ["–" if math.isnan(summary[c.name][m]["mean"]) else f"{summary[c.name][m]['mean']:.3f}" for m in shown]
+        means = [summary[c.name][m]["mean"] for m in shown]
+        cells = ["–" if math.isnan(mean) else f"{mean:.3f}" for mean in means]
         lines.append("| " + " | ".join([f"`{c.name}`", *cells]) + " |")
     return lines
 
@@ -161,7 +162,8 @@ def _detail_table(summary: Mapping[str, dict], configurations: Sequence[Configur
 def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Configuration],
                     run_info: Mapping[str, Any], notes: Sequence[str],
                     changes: Mapping[str, dict] | None = None, metric_set: MetricSet = SYNTHETIC_METRICS) -> str:
-    shown = [m for m in metric_set.report_columns if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
+    shown = [m for m in metric_set.report_columns
+             if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
     header = ["configuration", *shown, "s / image", "peak MB"]
     lines = [
         "# Batch-shared attention: consistency evaluation", "",
@@ -219,7 +221,8 @@ def write_report(outdir: Path, results: Sequence[SetResult], configurations: Seq
         grids.append(outdir / grid_file_name(position, configuration.name))
         image_grid(rows, row_labels=labels).save(grids[-1], format="PNG")
     document = {"run": dict(run_info), "configurations": [c.as_metadata() for c in configurations],
-                "summary": summary, "change_from_off": changes, "metrics": dict(metric_set.descriptions), "timing": TIMING, "notes": list(notes),
+                "summary": summary, "change_from_off": changes, "metrics": dict(metric_set.descriptions),
+                "timing": TIMING, "notes": list(notes),
                 "files": sorted(p.name for p in [*paths.values(), *grids])}
     paths["summary.json"].write_text(json.dumps(_json_safe(document), indent=2) + "\n", encoding="utf-8")
     return [*paths.values(), *grids]
