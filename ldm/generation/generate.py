@@ -15,6 +15,7 @@ content fingerprint, EMA); img2img adds strength, encode steps and the init imag
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from dataclasses import dataclass
 from itertools import chain
 from typing import Any, Callable, Optional
@@ -27,7 +28,9 @@ from ldm.generation.model import LoadedModel, precision_scope, precision_used
 from ldm.generation.request import Batch, GenerationRequest
 from ldm.generation.sampling import (decode_latents, encode_init_image, generate_latents, img2img_latents,
                                      make_sampler)
+from ldm.generation.reference import check_references, read_reference, record_reference_anchors
 from ldm.modules.shared_attention import SharedAttentionSettings
+from ldm.modules.shared_reference import RecordedAnchors
 
 # A guidance scale above this is named as the likely cause when sampling overflows with finite weights.
 USUAL_MAX_SCALE = 30.0
@@ -111,10 +114,12 @@ def generate(model: LoadedModel, request: GenerationRequest,
     plan = request.batches()
     out: list[BatchImages] = []
     with precision_scope(request.precision, model.device):
+        anchors = _reference_anchors(model, request, run, out)  # once per run, shared by every batch
         for batch in plan:
             for label, sharing in variants:
                 callback = _step_reporter(progress, len(out), len(plan) * len(variants), request.denoising_steps)
-                latents = _sample(model, request, sampler, batch, sharing, init_latent, callback)
+                latents = _sample(model, request, sampler, batch, sharing, init_latent, callback,
+                                  anchors if sharing is not None else None)
                 out.append(_decoded(model, request, batch, label, sharing, latents, run))
     grid_metadata = {**run, "prompts": list(request.prompts), "first_seed": request.seed,
                      "compare": request.compare}
@@ -130,6 +135,8 @@ def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, wi
         "precision": precision_used(r.precision, model.device), "negative_prompt": r.negative_prompt,
         **model.source, "shared_attention": r.sharing.as_metadata() if r.sharing else None,
     }
+    if r.references:
+        values.update(references=[Path(path).name for path in r.references])
     if r.img2img:
         values.update(strength=r.strength, encode_steps=r.denoising_steps, init_image=r.init_image_name)
     return json.loads(json.dumps(values, default=str))
@@ -137,16 +144,30 @@ def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, wi
 
 def _sample(model: LoadedModel, request: GenerationRequest, sampler: Any, batch: Batch,
             sharing: Optional[SharedAttentionSettings], init_latent: Optional[torch.Tensor],
-            callback: Optional[Callable[[int], None]]) -> torch.Tensor:
+            callback: Optional[Callable[[int], None]], anchors: Optional[RecordedAnchors] = None) -> torch.Tensor:
     """One batch's latents (B, C, h, w): txt2img from each seed's noise, or img2img from `init_latent`."""
     common = dict(scale=request.scale, eta=request.eta, negative_prompt=request.negative_prompt, sharing=sharing,
                   callback=callback)
     if init_latent is None:
         shape = model.geometry.latent_shape(*request.size_for(model.geometry))
         return generate_latents(model.module, sampler, batch.prompts, batch.seeds, shape=shape, steps=request.steps,
-                                **common)
+                                reference=anchors, **common)
     return img2img_latents(model.module, sampler, init_latent, batch.prompts, batch.seeds, steps=request.steps,
                            strength=request.strength, **common)
+
+
+def _reference_anchors(model: LoadedModel, request: GenerationRequest, run: dict[str, Any],
+                       out: list[BatchImages]) -> Optional[RecordedAnchors]:
+    """The references' anchors, recorded once; with `compare` their images become the first row."""
+    if not request.references:
+        return None
+    references = [read_reference(path) for path in request.references]
+    check_references(references, run, model.source.get("ckpt_fingerprint"))
+    anchors, images = record_reference_anchors(model.module, references, request.sharing)
+    if request.compare:
+        out.append(BatchImages("reference", tuple(GeneratedImage(image, r.metadata, torch.empty(0))
+                                                  for image, r in zip(images, references))))
+    return anchors
 
 
 def _step_reporter(progress: Optional[ProgressCallback], batch: int, batches: int,

@@ -13,6 +13,7 @@ is also generated without sharing, from the same seeds.
 from __future__ import annotations
 
 import math
+import os
 import numbers
 from dataclasses import dataclass, field
 from typing import Any, Optional, Protocol, Union
@@ -76,10 +77,14 @@ class GenerationRequest:
     sharing: Optional[SharedAttentionSettings] = None
     compare: bool = False
     precision: str = "autocast"
+    references: tuple[str, ...] = ()  # generated PNGs whose images anchor every batch (ldm/generation/reference.py)
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
             object.__setattr__(self, "prompt", tuple(self.prompt))
+        if isinstance(self.references, (str, os.PathLike)):
+            object.__setattr__(self, "references", (self.references,))
+        object.__setattr__(self, "references", tuple(str(path) for path in self.references))
         _check_values(self)
 
     # ---- the plan of the run ----------------------------------------------------------------------
@@ -177,6 +182,21 @@ def _check_values(request: GenerationRequest) -> None:
     if r.img2img:
         _check_img2img(r)
     _check_sharing(r)
+    if r.references:
+        _check_references(r)
+
+
+def _check_references(r: GenerationRequest) -> None:
+    """A reference anchors every image of the batch, in the layers and steps of the run's sharing."""
+    if r.sharing is None or r.sharing.mode != "anchor":
+        raise InvalidValue("sharing.mode", r.sharing.mode if r.sharing else None,
+                           "a reference anchors every image of the run: share in anchor mode (the reference "
+                           "images are the anchors)")
+    if r.img2img:
+        raise InvalidValue("init_image", r.init_image_name, "references extend text-to-image runs only")
+    if r.sampler != "ddim":
+        raise InvalidValue("sampler", r.sampler, "a reference's keys are recorded per step, which needs one "
+                                                 "model call per step: use DDIM")
 
 
 def _check_img2img(r: GenerationRequest) -> None:

@@ -22,6 +22,7 @@ from ldm.generation.images import tensor_to_images
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling_util import draw_noise
 from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings
+from ldm.modules.shared_reference import RecordedAnchors
 
 StepCallback = Optional[Callable[[int], None]]
 
@@ -44,11 +45,17 @@ def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
-def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings]):
-    """Batch-shared attention with `settings` for the duration of the block; nothing when None."""
+@contextlib.contextmanager
+def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings],
+                  reference: Optional[RecordedAnchors] = None) -> Iterator[None]:
+    """Batch-shared attention with `settings` for the duration of the block; nothing when None.
+    With `reference`, every image attends to its own tokens and the recorded anchors'."""
     if settings is None:
-        return contextlib.nullcontext()
-    return SharedAttention(model, settings)
+        yield
+        return
+    with SharedAttention(model, settings) as controller:
+        with reference.attached(controller) if reference is not None else contextlib.nullcontext():
+            yield
 
 
 def conditionings(model: Any, prompts: Sequence[str], negative_prompt: str, scale: float) -> tuple[Any, Any]:
@@ -70,14 +77,15 @@ def generate_latents(model: Any, sampler: Any, prompts: Sequence[str], seeds: Se
                      shape: Sequence[int], steps: int, scale: float, eta: float = 0.0,
                      negative_prompt: str = "", sharing: Optional[SharedAttentionSettings] = None,
                      x_T: Optional[torch.Tensor] = None, callback: StepCallback = None,
-                     verbose: bool = False) -> torch.Tensor:
-    """Sample one batch: latents (B, C, H/f, W/f) for `prompts`, image i starting from seeds[i]'s noise."""
+                     verbose: bool = False, reference: Optional[RecordedAnchors] = None) -> torch.Tensor:
+    """Sample one batch: latents (B, C, H/f, W/f) for `prompts`, image i starting from seeds[i]'s noise.
+    `reference`: anchors recorded elsewhere that every image also attends to (see `sharing_scope`)."""
     _check_one_seed_per_prompt(prompts, seeds)
     conditioning, unconditional = conditionings(model, prompts, negative_prompt, scale)
     generators = seeded_generators(seeds)
     if x_T is None:
         x_T = draw_noise((len(seeds), *shape), generators, model.device)  # (B, C, H, W)
-    with sharing_scope(model, sharing):
+    with sharing_scope(model, sharing, reference):
         samples, _ = sampler.sample(S=steps, batch_size=len(prompts), shape=tuple(shape), conditioning=conditioning,
                                     callback=callback, unconditional_guidance_scale=scale,
                                     unconditional_conditioning=unconditional, eta=eta, x_T=x_T, verbose=verbose,

@@ -59,7 +59,7 @@ from __future__ import annotations
 import math
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Iterator, Optional, Sequence, Union
+from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
 
 import torch
 import torch.nn as nn
@@ -68,6 +68,9 @@ from einops import rearrange
 
 from ldm.errors import InvalidValue
 from ldm.modules.attention import CrossAttention
+
+if TYPE_CHECKING:
+    from ldm.modules.shared_reference import RecordedAnchors
 
 MODES = ("all", "anchor")
 PATHS = ("down", "mid", "up")
@@ -255,6 +258,9 @@ class SharedAttention:
         self.unet = find_unet(model)
         self.layers = select_layers(self.unet, settings.groups)
         self.layout = BatchLayout()
+        # Anchors recorded in another run (ldm/modules/shared_reference.py), set while attached: every
+        # image then attends to its own tokens and theirs.
+        self.reference: Optional["RecordedAnchors"] = None
         self._previous: list[tuple[CrossAttention, Optional[SharedAttention]]] = []
 
     def __enter__(self) -> "SharedAttention":
@@ -283,6 +289,9 @@ class SharedAttention:
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
         s = self.settings
         strength = max(-MAX_ABS_STRENGTH, min(MAX_ABS_STRENGTH, s.strength))
+        if self.reference is not None:
+            return self.reference.attend(q, k, v, halves=self.layout.halves, progress=self.layout.progress,
+                                         strength=strength, scale=scale)
         return shared_batch_attention(q, k, v, halves=self.layout.halves, mode=s.mode, anchors=s.anchors,
                                       strength=strength, scale=scale)
 

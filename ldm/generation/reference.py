@@ -1,0 +1,155 @@
+"""More images like this one: a PNG this project wrote as the anchor of every batch of a new run.
+
+A generated PNG's metadata says how to make its whole batch again (prompts, seeds, sampler, steps,
+scale, eta, size, sharing settings, the checkpoint's content fingerprint). `record_reference_anchors`
+regenerates that batch with its own settings, checks that the picked image comes out with the PNG's
+pixels (else the checkpoint or a setting differs, and nothing is made), and records the picked image's
+self-attention keys and values in the new run's shared layers and step window
+(`ldm.modules.shared_reference`). Every new image then attends to its own tokens and the reference's,
+so it comes out as it would have as a non-anchor image of the original batch in anchor mode, with
+the picked image as the anchor. To share with the whole original batch, give every PNG of it: a
+batch is regenerated once however many of its images are given.
+
+The record is made once per run and reused by every batch (n_iter, prompt files). Its memory is the
+anchors' keys and values at every shared layer and step (benchmarks/reference_cache_memory.py).
+
+Checked before any weight loads (`check_references`): the file exists and carries the metadata, the
+checkpoint fingerprint, size, sampler, steps, scale, eta, negative prompt and latent shape agree with
+the run. Errors are `InvalidValue("references", path, ...)` naming what differs.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Optional, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from ldm.errors import InvalidValue
+from ldm.generation.images import read_png_metadata, tensor_to_images
+from ldm.generation.sampling import decode_latents, generate_latents, make_sampler
+from ldm.modules.shared_attention import SharedAttentionSettings, parse_groups
+from ldm.modules.shared_reference import OFF, AnchorRecorder, RecordedAnchors
+
+# Metadata a reference PNG must carry to be regenerated.
+NEEDED = ("batch_prompts", "batch_seeds", "batch_index", "sampler", "steps", "scale", "eta", "H", "W",
+          "negative_prompt", "C", "f")
+# (metadata key, request/run value name) that the new run must share with its reference.
+MUST_MATCH = ("sampler", "steps", "scale", "eta", "negative_prompt", "H", "W", "C", "f")
+# Pixels may differ by rounding only (one 8-bit level).
+MAX_PIXEL_DIFFERENCE = 1
+
+
+@dataclass(frozen=True)
+class Reference:
+    """A generated PNG: its path, pixels and metadata."""
+
+    path: Path
+    image: Image.Image
+    metadata: dict[str, Any]
+
+    @property
+    def batch_key(self) -> tuple:
+        """What identifies the batch it came from (two images of one batch share it)."""
+        m = self.metadata
+        return (tuple(m["batch_prompts"]), tuple(m["batch_seeds"]), repr(m.get("shared_attention")))
+
+
+def read_reference(path: str | os.PathLike) -> Reference:
+    """Open a reference PNG; a missing file or one without this project's metadata is an InvalidValue."""
+    path = Path(path)
+    if not path.is_file():
+        raise InvalidValue("references", str(path), "no such file; give a PNG this project generated")
+    try:
+        metadata = read_png_metadata(path)
+        with Image.open(path) as opened:
+            image = opened.convert("RGB")
+    except (OSError, ValueError) as error:
+        raise InvalidValue("references", str(path), f"cannot be read as a PNG ({error})") from None
+    missing = [key for key in NEEDED if key not in metadata]
+    if missing:
+        what = "carries no generation metadata" if len(missing) == len(NEEDED) else \
+            f"its metadata lacks {', '.join(missing)}"
+        raise InvalidValue("references", str(path), f"{what}, so its batch cannot be made again; give a PNG this "
+                                                    "project wrote (pictures from elsewhere are not supported yet)")
+    if metadata.get("references"):
+        raise InvalidValue("references", str(path), "was itself made beside a reference, so its batch alone does not "
+                                                    f"make it again; give the original reference "
+                                                    f"({', '.join(metadata['references'])})")
+    return Reference(path, image, metadata)
+
+
+def check_references(references: Sequence[Reference], run: dict[str, Any], fingerprint: Optional[str]) -> None:
+    """Refuse references the run cannot extend: `run` holds the new run's values under the metadata's
+    names (see `MUST_MATCH`); `fingerprint` is the checkpoint's (None when unknown, e.g. a test model)."""
+    for reference in references:
+        m = reference.metadata
+        theirs = m.get("ckpt_fingerprint")
+        if fingerprint is not None and theirs is not None and theirs != fingerprint:
+            raise InvalidValue("references", str(reference.path),
+                               f"was made with another checkpoint (fingerprint {theirs}, this run's {fingerprint}); "
+                               f"use the checkpoint {m.get('ckpt', 'it names')}")
+        differing = [f"{key} {m[key]!r} (this run {run[key]!r})" for key in MUST_MATCH
+                     if key in run and _differs(m[key], run[key])]
+        if differing:
+            raise InvalidValue("references", str(reference.path),
+                               f"was made with other settings: {'; '.join(differing)}; use the reference's")
+
+
+def _differs(a: Any, b: Any) -> bool:
+    if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
+        return float(a) != float(b)
+    return a != b
+
+
+def settings_from_metadata(values: Optional[dict[str, Any]]) -> SharedAttentionSettings:
+    """The sharing settings recorded by `SharedAttentionSettings.as_metadata` (None: no sharing, as OFF)."""
+    if values is None:
+        return OFF
+    fields = dict(values)
+    fields["groups"] = parse_groups(fields["groups"])
+    fields["steps"] = tuple(float(x) for x in str(fields["steps"]).split(":"))
+    if "subject" in fields and isinstance(fields["subject"], str):
+        fields["subject"] = parse_groups(fields["subject"])
+    fields["strength"] = float(fields["strength"])
+    return SharedAttentionSettings(**fields)
+
+
+@torch.no_grad()
+def record_reference_anchors(module: Any, references: Sequence[Reference],
+                             settings: SharedAttentionSettings) -> tuple[RecordedAnchors, list[Image.Image]]:
+    """Regenerate each reference's batch (once per batch), check the picked images' pixels, and record
+    their keys and values in the layers and step window of `settings` (the new run's).
+    Returns the anchors (in the order given) and the reproduced reference images."""
+    anchors = RecordedAnchors()
+    reproduced: list[Image.Image] = []
+    by_batch: dict[tuple, list[Reference]] = {}
+    for reference in references:
+        by_batch.setdefault(reference.batch_key, []).append(reference)
+    for group in by_batch.values():
+        m = group[0].metadata
+        picked = [r.metadata["batch_index"] for r in group]
+        recorder = AnchorRecorder(module, settings, picked)
+        latent_shape = (m["C"], m["H"] // m["f"], m["W"] // m["f"])
+        with recorder.recording() as record:
+            latents = generate_latents(module, make_sampler(m["sampler"], module), m["batch_prompts"],
+                                       m["batch_seeds"], shape=latent_shape, steps=m["steps"], scale=m["scale"],
+                                       eta=m["eta"], negative_prompt=m["negative_prompt"],
+                                       sharing=settings_from_metadata(m.get("shared_attention")))
+        images = tensor_to_images(decode_latents(module, latents[picked]))
+        for reference, image in zip(group, images):
+            _check_pixels(reference, image)
+        reproduced += images
+        anchors.extend(record)
+    return anchors, reproduced
+
+
+def _check_pixels(reference: Reference, image: Image.Image) -> None:
+    difference = int(np.abs(np.asarray(reference.image, dtype=np.int16) - np.asarray(image, dtype=np.int16)).max())
+    if difference > MAX_PIXEL_DIFFERENCE:
+        raise InvalidValue("references", str(reference.path),
+                           f"made again from its metadata it differs from the file by up to {difference}/255 per "
+                           "pixel: another checkpoint, precision or code version made it; nothing was generated")

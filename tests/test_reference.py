@@ -1,0 +1,135 @@
+"""More images like this one (ldm/generation/reference.py, ldm/modules/shared_reference.py).
+
+On configs/tiny with random weights, CPU, 3 DDIM steps. The specification: images made in a second
+run with a first run's PNG as the reference equal the images made beside it in the first run (anchor
+mode, the reference as the anchor); the record is made once and serves every batch; a PNG that cannot
+be made again (another checkpoint, other settings, changed pixels, no metadata) is refused.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import replace
+
+import numpy as np
+import pytest
+from PIL import Image
+from PIL.PngImagePlugin import PngInfo
+
+from ldm.errors import InvalidValue
+from ldm.generation import GenerationRequest, LoadedModel, SharedAttentionSettings, generate, load_model, save_result
+from tests.conftest import TINY_CONFIG
+
+PROMPTS = ("a red chair", "a chair in a garden", "a chair on a beach")
+SHARING = SharedAttentionSettings(groups=("all",), mode="anchor", anchors=1, strength=0.5)
+FIRST = GenerationRequest(prompt=PROMPTS, seed=7, batch_size=3, steps=3, scale=3.0, sharing=SHARING)
+
+
+def pixels(image: Image.Image) -> np.ndarray:
+    return np.asarray(image, dtype=np.int16)
+
+
+def max_difference(a: Image.Image, b: Image.Image) -> int:
+    return int(np.abs(pixels(a) - pixels(b)).max())
+
+
+@pytest.fixture(scope="module")
+def model(tiny_ckpt) -> LoadedModel:
+    return load_model(TINY_CONFIG, tiny_ckpt, device="cpu", verbose=False)
+
+
+@pytest.fixture(scope="module")
+def first_run(model, tmp_path_factory):
+    """The first run's images and its saved PNGs (image 0 is the anchor)."""
+    result = generate(model, FIRST)
+    folder = tmp_path_factory.mktemp("first")
+    paths = save_result(result, folder, grid=False)
+    return result.images, paths
+
+
+def second_request(reference, **changes) -> GenerationRequest:
+    """The first run's two non-anchor images again, in a run of their own beside `reference`."""
+    values = dict(prompt=PROMPTS[1:], seed=8, batch_size=2, steps=3, scale=3.0, sharing=SHARING,
+                  references=(str(reference),))
+    return GenerationRequest(**{**values, **changes})
+
+
+def test_images_made_beside_a_reference_equal_those_made_beside_it_in_its_batch(model, first_run):
+    images, paths = first_run
+    extended = generate(model, second_request(paths[0])).images
+    for new, original in zip(extended, images[1:]):
+        assert max_difference(new, original) <= 1
+
+
+def test_the_reference_changes_the_new_images(model, first_run):
+    _, paths = first_run
+    shared = generate(model, second_request(paths[0])).images
+    alone = generate(model, replace(second_request(paths[0]), references=(), sharing=None)).images
+    assert all(max_difference(a, b) > 8 for a, b in zip(shared, alone))
+
+
+def test_the_record_made_once_serves_every_batch_as_a_fresh_one_would(model, first_run):
+    _, paths = first_run
+    two_batches = generate(model, second_request(paths[0], prompt="a chair", batch_size=1, n_iter=2)).images
+    second_alone = generate(model, second_request(paths[0], prompt="a chair", batch_size=1, seed=9)).images
+    assert np.array_equal(pixels(two_batches[1]), pixels(second_alone[0]))
+
+
+def test_compare_shows_the_reproduced_reference_first(model, first_run):
+    images, paths = first_run
+    result = generate(model, second_request(paths[0], compare=True))
+    assert [b.label for b in result.batches] == ["reference", "no sharing", "shared"]
+    assert max_difference(result.batches[0].images[0].image, images[0]) <= 1
+
+
+def rewritten(path, tmp_path, change_metadata=None, change_pixels=False):
+    """A copy of a generated PNG with its metadata or pixels altered."""
+    with Image.open(path) as opened:
+        image = opened.convert("RGB")
+        metadata = json.loads(opened.text["parameters"])
+    if change_metadata:
+        metadata.update(change_metadata)
+    if change_pixels:
+        array = np.asarray(image).copy()
+        array[:4, :4] = 255 - array[:4, :4]
+        image = Image.fromarray(array)
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(metadata))
+    target = tmp_path / "altered.png"
+    image.save(target, pnginfo=info)
+    return target
+
+
+def test_a_png_from_another_checkpoint_is_refused(model, first_run, tmp_path):
+    altered = rewritten(first_run[1][0], tmp_path, {"ckpt_fingerprint": "sample-sha256:0000"})
+    with pytest.raises(InvalidValue, match="another checkpoint") as error:
+        generate(model, second_request(altered))
+    assert error.value.field == "references"
+
+
+def test_a_run_with_other_settings_is_refused_naming_them(model, first_run):
+    with pytest.raises(InvalidValue, match=r"steps 3 \(this run 4\)"):
+        generate(model, second_request(first_run[1][0], steps=4))
+
+
+def test_a_reference_that_is_not_made_again_pixel_for_pixel_is_refused(model, first_run, tmp_path):
+    altered = rewritten(first_run[1][0], tmp_path, change_pixels=True)
+    with pytest.raises(InvalidValue, match="differs from the file"):
+        generate(model, second_request(altered))
+
+
+def test_a_png_without_metadata_or_a_missing_file_is_refused(model, first_run, tmp_path):
+    plain = tmp_path / "plain.png"
+    Image.open(first_run[1][0]).convert("RGB").save(plain)
+    with pytest.raises(InvalidValue, match="no generation metadata"):
+        generate(model, second_request(plain))
+    with pytest.raises(InvalidValue, match="no such file"):
+        generate(model, second_request(tmp_path / "missing.png"))
+
+
+def test_a_reference_needs_anchor_mode_and_ddim():
+    with pytest.raises(InvalidValue) as error:
+        second_request("x.png", sharing=replace(SHARING, mode="all"))
+    assert error.value.field == "sharing.mode"
+    with pytest.raises(InvalidValue) as error:
+        second_request("x.png", sampler="plms")
+    assert error.value.field == "sampler"
