@@ -27,12 +27,14 @@ from typing import Any, Callable, Mapping, Optional, Sequence
 import torch
 from tqdm import tqdm
 
+from ldm.checkpoint import checkpoint_fingerprint
 from ldm.checkpoint.errors import CheckpointError
 from ldm.errors import InvalidValue, format_value
 from ldm.generation.generate import NonFiniteError, Progress, generate
 from ldm.generation.inputs import fit_to_multiple, open_image, read_prompt_file
 from ldm.generation.model import REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model, read_model_spec
 from ldm.generation.outputs import check_output_folder, save_result
+from ldm.generation.reference import check_references, read_reference, values_to_match
 from ldm.generation.request import GenerationRequest
 from ldm.modules.shared_attention import MODES, SharedAttentionSettings, describe_layers, parse_groups
 
@@ -54,6 +56,7 @@ GENERATION_FLAGS = {
     "strength": "--strength", "precision": "--precision", "device": "--device", "compare": "--compare",
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
+    "references": "--shared-attn-reference",
 }
 
 
@@ -176,6 +179,9 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default 0:1)")
     group.add_argument("--shared-attn-strength", type=float, default=None, metavar="S",
                        help="logit bias on the other images' keys: 0 plain (default), <0 weaker, >0 stronger, -inf off")
+    group.add_argument("--shared-attn-reference", type=str, action="append", default=None, metavar="PNG",
+                       help="a PNG this project generated: every image also shares with it (anchor mode), as if "
+                            "made beside it; repeat for several (e.g. every image of its batch)")
     group.add_argument("--compare", action="store_true",
                        help="also generate the same seeds without sharing and save both as one labelled grid")
 
@@ -314,8 +320,12 @@ def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
         sampler="plms" if opt.plms else "dpm_solver" if opt.dpm_solver else "ddim", steps=opt.ddim_steps,
         scale=opt.scale, eta=opt.ddim_eta, height=getattr(opt, "H", None), width=getattr(opt, "W", None),
         init_image=init_image, init_image_name=init_name, strength=getattr(opt, "strength", 0.75),
-        sharing=sharing, compare=opt.compare, precision=opt.precision)
+        sharing=sharing, compare=opt.compare, precision=opt.precision,
+        references=tuple(getattr(opt, "shared_attn_reference", None) or ()))
     request.check_for(spec)
+    if request.references:  # the files and their settings, before the weights load
+        references = [read_reference(path) for path in request.references]
+        check_references(references, values_to_match(request, spec.geometry), checkpoint_fingerprint(ckpt))
     if sharing is not None and sharing.mode == "anchor" and sharing.anchors >= opt.n_samples:
         print(f"note: {sharing.anchors} anchors with {opt.n_samples} images per batch: every image is an "
               "anchor, which is the same as --shared-attn-mode all", file=sys.stderr)

@@ -133,3 +133,39 @@ def test_a_reference_needs_anchor_mode_and_ddim():
     with pytest.raises(InvalidValue) as error:
         second_request("x.png", sampler="plms")
     assert error.value.field == "sampler"
+
+
+# ----------------------------------------------------------------------------- the scripts
+@pytest.fixture(scope="module")
+def run_txt2img(tiny_ckpt, tmp_path_factory):
+    from tests.conftest import load_script
+    script = load_script("txt2img")
+
+    def run(*args: str, outdir=None) -> list:
+        outdir = outdir or tmp_path_factory.mktemp("txt2img")
+        return script.main(["--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--device", "cpu",
+                            "--precision", "full", "--ddim_steps", "3", "--scale", "3", "--H", "64", "--W", "64",
+                            "--n_iter", "1", "--skip_grid", "--outdir", str(outdir), *args])
+    return run
+
+
+def test_txt2img_extends_a_set_from_one_of_its_pngs(run_txt2img):
+    sharing = ["--shared-attn", "all", "--shared-attn-mode", "anchor"]
+    first = run_txt2img("--prompt", "a red chair", "--n_samples", "3", "--seed", "7", *sharing)
+    more = run_txt2img("--prompt", "a red chair", "--n_samples", "2", "--seed", "8", *sharing,
+                       "--shared-attn-reference", str(first[0]))
+    for new, original in zip(more, first[1:]):
+        assert max_difference(Image.open(new).convert("RGB"), Image.open(original).convert("RGB")) <= 1
+
+
+def test_txt2img_refuses_a_mismatched_reference_in_one_line_before_loading(run_txt2img, tmp_path, monkeypatch):
+    import ldm.checkpoint
+    from ldm.cli import error_line, GENERATION_FLAGS
+    first = run_txt2img("--prompt", "a red chair", "--n_samples", "1", "--shared-attn", "all")
+    monkeypatch.setattr(ldm.checkpoint, "load_model_from_config", lambda *a, **k: pytest.fail("the model loaded"))
+    with pytest.raises(InvalidValue) as error:
+        run_txt2img("--prompt", "a chair", "--n_samples", "1", "--ddim_steps", "4", "--shared-attn", "all",
+                    "--shared-attn-mode", "anchor", "--shared-attn-reference", str(first[0]), outdir=tmp_path / "out")
+    line = error_line(error.value, GENERATION_FLAGS)
+    assert line.startswith(f"error: --shared-attn-reference {first[0]}: was made with other settings: steps 3")
+    assert not (tmp_path / "out").exists()

@@ -28,7 +28,8 @@ from ldm.generation.model import LoadedModel, precision_scope, precision_used
 from ldm.generation.request import Batch, GenerationRequest
 from ldm.generation.sampling import (decode_latents, encode_init_image, generate_latents, img2img_latents,
                                      make_sampler)
-from ldm.generation.reference import check_references, read_reference, record_reference_anchors
+from ldm.generation.reference import (check_references, read_reference, record_reference_anchors,
+                                       values_to_match)
 from ldm.modules.shared_attention import SharedAttentionSettings
 from ldm.modules.shared_reference import RecordedAnchors
 
@@ -162,7 +163,7 @@ def _reference_anchors(model: LoadedModel, request: GenerationRequest, run: dict
     if not request.references:
         return None
     references = [read_reference(path) for path in request.references]
-    check_references(references, run, model.source.get("ckpt_fingerprint"))
+    check_references(references, values_to_match(request, model.geometry), model.source.get("ckpt_fingerprint"))
     anchors, images = record_reference_anchors(model.module, references, request.sharing)
     if request.compare:
         out.append(BatchImages("reference", tuple(GeneratedImage(image, r.metadata, torch.empty(0))

@@ -99,6 +99,13 @@ def check_references(references: Sequence[Reference], run: dict[str, Any], finge
                                f"was made with other settings: {'; '.join(differing)}; use the reference's")
 
 
+def values_to_match(request: Any, geometry: Any) -> dict[str, Any]:
+    """A request's values under the metadata's names, for `check_references` (GenerationRequest, LatentGeometry)."""
+    height, width = request.size_for(geometry)
+    return dict(sampler=request.sampler, steps=request.steps, scale=request.scale, eta=request.eta,
+                negative_prompt=request.negative_prompt, H=height, W=width, C=geometry.channels, f=geometry.factor)
+
+
 def _differs(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)) and not isinstance(a, bool):
         return float(a) != float(b)
