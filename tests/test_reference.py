@@ -169,3 +169,12 @@ def test_txt2img_refuses_a_mismatched_reference_in_one_line_before_loading(run_t
     line = error_line(error.value, GENERATION_FLAGS)
     assert line.startswith(f"error: --shared-attn-reference {first[0]}: was made with other settings: steps 3")
     assert not (tmp_path / "out").exists()
+
+
+def test_the_record_size_computed_from_shapes_is_what_the_recorder_keeps(model, first_run):
+    from ldm.generation.reference import read_reference, record_reference_anchors
+    from ldm.modules.shared_reference import record_bytes
+    settings = replace(SHARING, groups=("up",), steps=(0.0, 0.7))
+    anchors, _ = record_reference_anchors(model.module, [read_reference(first_run[1][0])], settings)
+    unet = model.module.model.diffusion_model
+    assert anchors.nbytes == record_bytes(unet, settings, 64, steps=3, halves=2, anchors=1, bytes_per_value=4)

@@ -146,3 +146,15 @@ class AnchorRecorder:
 
 OFF = SharedAttentionSettings(strength=float("-inf"))
 """Settings that share nothing: a plain batch samples under them so that recorders know the step."""
+
+
+def record_bytes(unet: nn.Module, settings: SharedAttentionSettings, image_side: int, steps: int, halves: int,
+                 anchors: int, bytes_per_value: int) -> int:
+    """What `AnchorRecorder` keeps for `anchors` images of `image_side` px, computed from shapes alone:
+    per shared layer and step in the window, keys and values (2) x halves x anchors x N tokens x channels.
+    A layer's tag level is its latent side at 512 px with f = 8 (SD v1's layout), so N = (level * side / 512)^2."""
+    total = 0
+    for _, layer in select_layers(unet, settings.groups):
+        side = int(layer.tag.split(".")[1]) * image_side // 512
+        total += 2 * halves * anchors * side * side * layer.to_k.out_features * bytes_per_value
+    return total * len(settings.steps_in_window(steps))
