@@ -51,7 +51,7 @@ def demo_time(repeats: int) -> None:
         reference = read_reference(path)
         request = GenerationRequest(prompt="a red chair in a garden", seed=100, batch_size=4, steps=25, scale=3.0,
                                     sharing=sharing, references=(str(path),))
-        anchors, _ = record_reference_anchors(model.module, [reference], sharing)
+        anchors, _, _ = record_reference_anchors(model.module, [reference], sharing)
         plain_batch = GenerationRequest(prompt="a red chair in a garden", seed=100, batch_size=4, steps=25,
                                         scale=3.0, sharing=sharing)
 

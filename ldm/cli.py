@@ -34,7 +34,7 @@ from ldm.generation.generate import NonFiniteError, Progress, generate
 from ldm.generation.inputs import fit_to_multiple, open_image, read_prompt_file
 from ldm.generation.model import REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model, read_model_spec
 from ldm.generation.outputs import check_output_folder, save_result
-from ldm.generation.reference import check_references, read_reference, values_to_match
+from ldm.generation.reference import check_references, read_reference, reference_notes, values_to_match
 from ldm.generation.request import GenerationRequest
 from ldm.modules.shared_attention import MODES, SharedAttentionSettings, describe_layers, parse_groups
 
@@ -56,7 +56,7 @@ GENERATION_FLAGS = {
     "strength": "--strength", "precision": "--precision", "device": "--device", "compare": "--compare",
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
-    "references": "--shared-attn-reference",
+    "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
 }
 
 
@@ -182,6 +182,8 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
     group.add_argument("--shared-attn-reference", type=str, action="append", default=None, metavar="PNG",
                        help="a PNG this project generated: every image also shares with it (anchor mode), as if "
                             "made beside it; repeat for several (e.g. every image of its batch)")
+    group.add_argument("--shared-attn-reference-prompt", type=str, default="", metavar="TEXT",
+                       help="what a reference picture (not a generated PNG) shows, to invert it with (default empty)")
     group.add_argument("--compare", action="store_true",
                        help="also generate the same seeds without sharing and save both as one labelled grid")
 
@@ -321,11 +323,14 @@ def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
         scale=opt.scale, eta=opt.ddim_eta, height=getattr(opt, "H", None), width=getattr(opt, "W", None),
         init_image=init_image, init_image_name=init_name, strength=getattr(opt, "strength", 0.75),
         sharing=sharing, compare=opt.compare, precision=opt.precision,
-        references=tuple(getattr(opt, "shared_attn_reference", None) or ()))
+        references=tuple(getattr(opt, "shared_attn_reference", None) or ()),
+        reference_prompt=getattr(opt, "shared_attn_reference_prompt", ""))
     request.check_for(spec)
     if request.references:  # the files and their settings, before the weights load
         references = [read_reference(path) for path in request.references]
         check_references(references, values_to_match(request, spec.geometry), checkpoint_fingerprint(ckpt))
+        for note in reference_notes(references, *request.size_for(spec.geometry), request.reference_prompt):
+            print(f"note: {note}", file=sys.stderr)
     if sharing is not None and sharing.mode == "anchor" and sharing.anchors >= opt.n_samples:
         print(f"note: {sharing.anchors} anchors with {opt.n_samples} images per batch: every image is an "
               "anchor, which is the same as --shared-attn-mode all", file=sys.stderr)
@@ -359,5 +364,7 @@ def run_generation(opt: argparse.Namespace, run: PreparedRun) -> list[Path]:
         bar.close()
     written = save_result(result, opt.outdir, samples=not opt.skip_save, grid=not opt.skip_grid,
                           images_per_row=opt.n_rows if opt.n_rows > 0 else None)
+    for error in result.metadata.get("reference_inversion_errors", []):
+        print(f"reference picture: DDIM inversion reconstructs its latent with relative RMS error {error:.3f}")
     print(f"Your samples are ready and waiting for you here:\n{Path(opt.outdir).resolve()}")
     return written

@@ -8,6 +8,7 @@ be made again (another checkpoint, other settings, changed pixels, no metadata) 
 from __future__ import annotations
 
 import json
+import math
 from dataclasses import replace
 
 import numpy as np
@@ -117,13 +118,49 @@ def test_a_reference_that_is_not_made_again_pixel_for_pixel_is_refused(model, fi
         generate(model, second_request(altered))
 
 
-def test_a_png_without_metadata_or_a_missing_file_is_refused(model, first_run, tmp_path):
-    plain = tmp_path / "plain.png"
-    Image.open(first_run[1][0]).convert("RGB").save(plain)
-    with pytest.raises(InvalidValue, match="no generation metadata"):
-        generate(model, second_request(plain))
+def test_a_missing_file_or_partial_metadata_is_refused(model, first_run, tmp_path):
     with pytest.raises(InvalidValue, match="no such file"):
         generate(model, second_request(tmp_path / "missing.png"))
+    with Image.open(first_run[1][0]) as opened:
+        metadata = json.loads(opened.text["parameters"])
+    del metadata["batch_seeds"]
+    info = PngInfo()
+    info.add_text("parameters", json.dumps(metadata))
+    partial = tmp_path / "partial.png"
+    Image.open(first_run[1][0]).convert("RGB").save(partial, pnginfo=info)
+    with pytest.raises(InvalidValue, match="lacks batch_seeds"):
+        generate(model, second_request(partial))
+
+
+# ----------------------------------------------------------------------------- pictures (inversion)
+def test_ddim_inversion_of_a_model_s_own_sample_samples_back_close_to_it(model):
+    """Measured on this model: relative RMS error 0.060 at 25 steps, 0.031 at 50 (first order in the step)."""
+    from ldm.generation import generate_latents, make_sampler
+    from ldm.models.diffusion.ddim_inversion import invert
+    from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+    module = model.module
+    errors = []
+    for steps in (25, 50):
+        sampler = make_sampler("ddim", module)
+        x0 = generate_latents(module, sampler, ["a red chair"], [3], shape=(4, 8, 8), steps=steps, scale=1.0)
+        conditional = module.get_learned_conditioning(["a red chair"])
+        trajectory = invert(sampler, x0, ClassifierFreeGuidance(module, conditional))
+        back = sampler.decode(trajectory[-1], conditional, steps, verbose=False)
+        errors.append(float((back - x0).pow(2).mean().sqrt() / x0.pow(2).mean().sqrt()))
+    assert errors[0] < 0.08
+    assert errors[1] < errors[0] / 1.5  # halving the step size about halves the error
+
+
+def test_a_picture_without_metadata_is_inverted_and_anchors_the_new_images(model, first_run, tmp_path):
+    picture = tmp_path / "photo.png"
+    Image.open(first_run[1][0]).convert("RGB").resize((80, 72)).save(picture)  # another size: resized
+    request = second_request(picture, reference_prompt="a red chair", compare=True)
+    result = generate(model, request)
+    (error,) = result.metadata["reference_inversion_errors"]
+    assert math.isfinite(error) and error > 0  # reported; a random model at 3 steps inverts a foreign latent badly
+    reference_row, alone, shared = result.batches
+    assert reference_row.images[0].image.size == (64, 64)
+    assert all(max_difference(a.image, b.image) > 8 for a, b in zip(alone.images, shared.images))
 
 
 def test_a_reference_needs_anchor_mode_and_ddim():
@@ -175,6 +212,6 @@ def test_the_record_size_computed_from_shapes_is_what_the_recorder_keeps(model, 
     from ldm.generation.reference import read_reference, record_reference_anchors
     from ldm.modules.shared_reference import record_bytes
     settings = replace(SHARING, groups=("up",), steps=(0.0, 0.7))
-    anchors, _ = record_reference_anchors(model.module, [read_reference(first_run[1][0])], settings)
+    anchors, _, _ = record_reference_anchors(model.module, [read_reference(first_run[1][0])], settings)
     unet = model.module.model.diffusion_model
     assert anchors.nbytes == record_bytes(unet, settings, 64, steps=3, halves=2, anchors=1, bytes_per_value=4)

@@ -137,7 +137,7 @@ def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, wi
         **model.source, "shared_attention": r.sharing.as_metadata() if r.sharing else None,
     }
     if r.references:
-        values.update(references=[Path(path).name for path in r.references])
+        values.update(references=[Path(path).name for path in r.references], reference_prompt=r.reference_prompt)
     if r.img2img:
         values.update(strength=r.strength, encode_steps=r.denoising_steps, init_image=r.init_image_name)
     return json.loads(json.dumps(values, default=str))
@@ -164,10 +164,16 @@ def _reference_anchors(model: LoadedModel, request: GenerationRequest, run: dict
         return None
     references = [read_reference(path) for path in request.references]
     check_references(references, values_to_match(request, model.geometry), model.source.get("ckpt_fingerprint"))
-    anchors, images = record_reference_anchors(model.module, references, request.sharing)
+    height, width = request.size_for(model.geometry)
+    picture_run = dict(steps=request.steps, scale=request.scale, negative_prompt=request.negative_prompt, H=height,
+                       W=width, prompt=request.reference_prompt)
+    anchors, images, errors = record_reference_anchors(model.module, references, request.sharing, picture_run)
+    run["reference_inversion_errors"] = errors
     if request.compare:
-        out.append(BatchImages("reference", tuple(GeneratedImage(image, r.metadata, torch.empty(0))
-                                                  for image, r in zip(images, references))))
+        ordered = [r for r in references if r.generated] + [r for r in references if not r.generated]
+        out.append(BatchImages("reference", tuple(
+            GeneratedImage(image, r.metadata or {"batch_seeds": ["picture"], "reference": r.path.name},
+                           torch.empty(0)) for image, r in zip(images, ordered))))
     return anchors
 
 

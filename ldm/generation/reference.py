@@ -10,6 +10,11 @@ so it comes out as it would have as a non-anchor image of the original batch in 
 the picked image as the anchor. To share with the whole original batch, give every PNG of it: a
 batch is regenerated once however many of its images are given.
 
+Any other picture (no metadata: a photo, a render) is encoded with the autoencoder and DDIM-inverted
+(`ldm.models.diffusion.ddim_inversion`) with its own prompt (default empty) along the run's grid;
+its keys and values at each step are those of the inverted latent at that step's level, under the
+run's guidance, so they follow the schedule. The inversion's reconstruction error is reported.
+
 The record is made once per run and reused by every batch (n_iter, prompt files). Its memory is the
 anchors' keys and values at every shared layer and step (benchmarks/reference_cache_memory.py).
 
@@ -29,9 +34,12 @@ import torch
 from PIL import Image
 
 from ldm.errors import InvalidValue
-from ldm.generation.images import read_png_metadata, tensor_to_images
-from ldm.generation.sampling import decode_latents, generate_latents, make_sampler
-from ldm.modules.shared_attention import SharedAttentionSettings, parse_groups
+from ldm.generation.images import image_to_tensor, read_png_metadata, tensor_to_images
+from ldm.generation.sampling import conditionings, decode_latents, encode_init_image, generate_latents, make_sampler
+from ldm.models.diffusion.ddim import DDIMSampler
+from ldm.models.diffusion.ddim_inversion import invert
+from ldm.models.diffusion.guidance import ClassifierFreeGuidance
+from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings, parse_groups
 from ldm.modules.shared_reference import OFF, AnchorRecorder, RecordedAnchors
 
 # Metadata a reference PNG must carry to be regenerated.
@@ -45,11 +53,15 @@ MAX_PIXEL_DIFFERENCE = 1
 
 @dataclass(frozen=True)
 class Reference:
-    """A generated PNG: its path, pixels and metadata."""
+    """A reference image: its path, pixels, and this project's metadata (None: a picture from elsewhere)."""
 
     path: Path
     image: Image.Image
-    metadata: dict[str, Any]
+    metadata: Optional[dict[str, Any]]
+
+    @property
+    def generated(self) -> bool:
+        return self.metadata is not None
 
     @property
     def batch_key(self) -> tuple:
@@ -59,22 +71,23 @@ class Reference:
 
 
 def read_reference(path: str | os.PathLike) -> Reference:
-    """Open a reference PNG; a missing file or one without this project's metadata is an InvalidValue."""
+    """Open a reference image. A PNG with this project's metadata is a generated reference; an image
+    without any is a picture (inverted); a missing file or partial metadata is an InvalidValue."""
     path = Path(path)
     if not path.is_file():
-        raise InvalidValue("references", str(path), "no such file; give a PNG this project generated")
+        raise InvalidValue("references", str(path), "no such file; give a PNG this project generated or a picture")
     try:
-        metadata = read_png_metadata(path)
+        metadata = read_png_metadata(path) if path.suffix.lower() == ".png" else {}
         with Image.open(path) as opened:
             image = opened.convert("RGB")
     except (OSError, ValueError) as error:
-        raise InvalidValue("references", str(path), f"cannot be read as a PNG ({error})") from None
+        raise InvalidValue("references", str(path), f"cannot be read as an image ({error})") from None
+    if not metadata:
+        return Reference(path, image, None)
     missing = [key for key in NEEDED if key not in metadata]
     if missing:
-        what = "carries no generation metadata" if len(missing) == len(NEEDED) else \
-            f"its metadata lacks {', '.join(missing)}"
-        raise InvalidValue("references", str(path), f"{what}, so its batch cannot be made again; give a PNG this "
-                                                    "project wrote (pictures from elsewhere are not supported yet)")
+        raise InvalidValue("references", str(path), f"its metadata lacks {', '.join(missing)}, so its batch cannot "
+                                                    "be made again; give a PNG this project wrote")
     if metadata.get("references"):
         raise InvalidValue("references", str(path), "was itself made beside a reference, so its batch alone does not "
                                                     f"make it again; give the original reference "
@@ -82,10 +95,25 @@ def read_reference(path: str | os.PathLike) -> Reference:
     return Reference(path, image, metadata)
 
 
+def reference_notes(references: Sequence[Reference], height: int, width: int, prompt: str) -> list[str]:
+    """One line per picture reference: that it is inverted (with which prompt), and any resizing."""
+    notes = []
+    for reference in references:
+        if reference.generated:
+            continue
+        size = reference.image.size
+        resized = f", resized from {size[0]}x{size[1]} to {width}x{height}" if size != (width, height) else ""
+        notes.append(f"reference {reference.path.name}: no generation metadata, so it is treated as a picture and "
+                     f"DDIM-inverted with the prompt {prompt!r}{resized}")
+    return notes
+
+
 def check_references(references: Sequence[Reference], run: dict[str, Any], fingerprint: Optional[str]) -> None:
     """Refuse references the run cannot extend: `run` holds the new run's values under the metadata's
     names (see `MUST_MATCH`); `fingerprint` is the checkpoint's (None when unknown, e.g. a test model)."""
     for reference in references:
+        if not reference.generated:
+            continue  # a picture: inverted with the run's own settings
         m = reference.metadata
         theirs = m.get("ckpt_fingerprint")
         if fingerprint is not None and theirs is not None and theirs != fingerprint:
@@ -126,32 +154,77 @@ def settings_from_metadata(values: Optional[dict[str, Any]]) -> SharedAttentionS
 
 
 @torch.no_grad()
-def record_reference_anchors(module: Any, references: Sequence[Reference],
-                             settings: SharedAttentionSettings) -> tuple[RecordedAnchors, list[Image.Image]]:
-    """Regenerate each reference's batch (once per batch), check the picked images' pixels, and record
-    their keys and values in the layers and step window of `settings` (the new run's).
-    Returns the anchors (in the order given) and the reproduced reference images."""
+def record_reference_anchors(module: Any, references: Sequence[Reference], settings: SharedAttentionSettings,
+                             picture_run: Optional[dict[str, Any]] = None
+                             ) -> tuple[RecordedAnchors, list[Image.Image], list[float]]:
+    """Record the references' keys and values in the layers and step window of `settings` (the new run's):
+    a generated PNG's batch is made again (once per batch) and its pixels checked; a picture is
+    inverted with `picture_run` (steps, scale, negative_prompt, H, W, prompt). Returns the anchors
+    (generated references first, then pictures), their images, and each picture's inversion error."""
     anchors = RecordedAnchors()
-    reproduced: list[Image.Image] = []
+    images: list[Image.Image] = []
     by_batch: dict[tuple, list[Reference]] = {}
     for reference in references:
-        by_batch.setdefault(reference.batch_key, []).append(reference)
+        if reference.generated:
+            by_batch.setdefault(reference.batch_key, []).append(reference)
     for group in by_batch.values():
-        m = group[0].metadata
-        picked = [r.metadata["batch_index"] for r in group]
-        recorder = AnchorRecorder(module, settings, picked)
-        latent_shape = (m["C"], m["H"] // m["f"], m["W"] // m["f"])
-        with recorder.recording() as record:
-            latents = generate_latents(module, make_sampler(m["sampler"], module), m["batch_prompts"],
-                                       m["batch_seeds"], shape=latent_shape, steps=m["steps"], scale=m["scale"],
-                                       eta=m["eta"], negative_prompt=m["negative_prompt"],
-                                       sharing=settings_from_metadata(m.get("shared_attention")))
-        images = tensor_to_images(decode_latents(module, latents[picked]))
-        for reference, image in zip(group, images):
-            _check_pixels(reference, image)
-        reproduced += images
+        record, reproduced = _record_generated_batch(module, group, settings)
         anchors.extend(record)
-    return anchors, reproduced
+        images += reproduced
+    errors = []
+    for reference in references:
+        if not reference.generated:
+            record, image, error = record_picture_anchors(module, reference.image, settings, **picture_run)
+            anchors.extend(record)
+            images.append(image)
+            errors.append(error)
+    return anchors, images, errors
+
+
+def _record_generated_batch(module: Any, group: Sequence[Reference],
+                            settings: SharedAttentionSettings) -> tuple[RecordedAnchors, list[Image.Image]]:
+    m = group[0].metadata
+    picked = [r.metadata["batch_index"] for r in group]
+    recorder = AnchorRecorder(module, settings, picked)
+    latent_shape = (m["C"], m["H"] // m["f"], m["W"] // m["f"])
+    with recorder.recording() as record:
+        latents = generate_latents(module, make_sampler(m["sampler"], module), m["batch_prompts"],
+                                   m["batch_seeds"], shape=latent_shape, steps=m["steps"], scale=m["scale"],
+                                   eta=m["eta"], negative_prompt=m["negative_prompt"],
+                                   sharing=settings_from_metadata(m.get("shared_attention")))
+    images = tensor_to_images(decode_latents(module, latents[picked]))
+    for reference, image in zip(group, images):
+        _check_pixels(reference, image)
+    return record, images
+
+
+@torch.no_grad()
+def record_picture_anchors(module: Any, picture: Image.Image, settings: SharedAttentionSettings, *, steps: int,
+                           scale: float, negative_prompt: str, H: int, W: int, prompt: str = ""
+                           ) -> tuple[RecordedAnchors, Image.Image, float]:
+    """A picture as an anchor: encoded, DDIM-inverted with `prompt` (conditional eps only: guidance
+    makes the inversion drift), and its trajectory's latent at each step run through the UNet with the
+    run's guidance, recording its keys and values. Returns the record, the (resized) picture, and the
+    inversion's reconstruction error: RMS(x0' - x0) / RMS(x0), x0' sampled back from the inverted x_T."""
+    picture = picture.convert("RGB")
+    if picture.size != (W, H):
+        picture = picture.resize((W, H), Image.LANCZOS)
+    x0 = encode_init_image(module, image_to_tensor(picture))  # (1, C, h, w)
+    sampler = DDIMSampler(module)
+    sampler.make_schedule(steps, ddim_eta=0.0)
+    conditional = module.get_learned_conditioning([prompt])
+    trajectory = invert(sampler, x0, ClassifierFreeGuidance(module, conditional))
+    back = sampler.decode(trajectory[-1], conditional, steps, verbose=False)  # (1, C, h, w)
+    error = float((back - x0).pow(2).mean().sqrt() / x0.pow(2).mean().sqrt())
+    conditional, unconditional = conditionings(module, [prompt], negative_prompt, scale)
+    guide = ClassifierFreeGuidance(module, conditional, unconditional, scale)
+    recorder = AnchorRecorder(module, settings, [0])
+    with SharedAttention(module, OFF), recorder.recording() as record:
+        for step in range(steps):  # step 0 is the noisiest: the last latent of the trajectory
+            index = steps - 1 - step
+            if settings.in_window(step / steps):
+                guide(trajectory[index], int(sampler.ddim_timesteps[index]), step, steps)
+    return record, picture, error
 
 
 def _check_pixels(reference: Reference, image: Image.Image) -> None:

@@ -77,7 +77,8 @@ class GenerationRequest:
     sharing: Optional[SharedAttentionSettings] = None
     compare: bool = False
     precision: str = "autocast"
-    references: tuple[str, ...] = ()  # generated PNGs whose images anchor every batch (ldm/generation/reference.py)
+    references: tuple[str, ...] = ()  # images that anchor every batch (ldm/generation/reference.py)
+    reference_prompt: str = ""  # what a reference picture (not a generated PNG) is inverted with
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
