@@ -179,9 +179,10 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                             "(default 0:1)")
     group.add_argument("--shared-attn-strength", type=float, default=None, metavar="S",
                        help="logit bias on the other images' keys: 0 plain (default), <0 weaker, >0 stronger, -inf off")
-    group.add_argument("--shared-attn-reference", type=str, action="append", default=None, metavar="PNG",
-                       help="a PNG this project generated: every image also shares with it (anchor mode), as if "
-                            "made beside it; repeat for several (e.g. every image of its batch)")
+    group.add_argument("--shared-attn-reference", type=str, action="append", default=None, metavar="IMAGE",
+                       help="an image every new image also shares with (anchor mode): a PNG this project generated "
+                            "(made again, as if the new images were made beside it) or any picture (DDIM-inverted); "
+                            "repeat for several (e.g. every image of a batch)")
     group.add_argument("--shared-attn-reference-prompt", type=str, default="", metavar="TEXT",
                        help="what a reference picture (not a generated PNG) shows, to invert it with (default empty)")
     group.add_argument("--compare", action="store_true",

@@ -11,13 +11,16 @@ Metadata: every image gets a JSON-ready dict with everything that reproduces it 
 batch's prompts, seed and batch seeds, sampler, steps, scale, eta, size, latent C and f, the precision
 actually computed in, shared-attention settings, and the model's source: config, checkpoint name and
 content fingerprint, EMA); img2img adds strength, encode steps and the init image's name.
+
+References (`request.references`, ldm/generation/reference.py): recorded once before the first batch
+and offered to every shared batch; with `compare` their images are the first row.
 """
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from dataclasses import dataclass
 from itertools import chain
+from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
