@@ -24,6 +24,7 @@ from ldm.errors import InvalidValue
 from ldm.generation.model import LatentGeometry
 from ldm.generation.sampling import batches, encode_steps
 from ldm.modules.shared_attention import SharedAttentionSettings, select_layers
+from ldm.modules.subject_masks import check_prompts_name_subject
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
 PRECISIONS = ("full", "autocast")
@@ -198,6 +199,8 @@ def _check_sharing(r: GenerationRequest) -> None:
         return
     if not isinstance(r.sharing, SharedAttentionSettings):
         raise InvalidValue("sharing", r.sharing, "must be a SharedAttentionSettings or None")
+    if r.sharing.subject:
+        check_prompts_name_subject(r.prompts, r.sharing.subject)
     if r.sharing.strength == -math.inf:
         return  # sharing switched off by its strength: no step needs to be selected
     total = r.denoising_steps

@@ -21,7 +21,7 @@ from PIL import Image
 from ldm.generation.images import tensor_to_images
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling_util import draw_noise
-from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings
+from ldm.modules.shared_attention import SharedAttentionSettings, controller_for
 
 StepCallback = Optional[Callable[[int], None]]
 
@@ -44,11 +44,13 @@ def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
     return [torch.Generator().manual_seed(int(seed)) for seed in seeds]
 
 
-def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings]):
-    """Batch-shared attention with `settings` for the duration of the block; nothing when None."""
+def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings], prompts: Sequence[str],
+                  seeds: Sequence[int]):
+    """Batch-shared attention with `settings` for the duration of the block; nothing when None. The
+    prompts locate subject words; the batch's first seed seeds the dropout."""
     if settings is None:
         return contextlib.nullcontext()
-    return SharedAttention(model, settings)
+    return controller_for(model, settings, prompts=prompts, seed=int(seeds[0]))
 
 
 def conditionings(model: Any, prompts: Sequence[str], negative_prompt: str, scale: float) -> tuple[Any, Any]:
@@ -77,7 +79,7 @@ def generate_latents(model: Any, sampler: Any, prompts: Sequence[str], seeds: Se
     generators = seeded_generators(seeds)
     if x_T is None:
         x_T = draw_noise((len(seeds), *shape), generators, model.device)  # (B, C, H, W)
-    with sharing_scope(model, sharing):
+    with sharing_scope(model, sharing, prompts, seeds):
         samples, _ = sampler.sample(S=steps, batch_size=len(prompts), shape=tuple(shape), conditioning=conditioning,
                                     callback=callback, unconditional_guidance_scale=scale,
                                     unconditional_conditioning=unconditional, eta=eta, x_T=x_T, verbose=verbose,
@@ -121,7 +123,7 @@ def img2img_latents(model: Any, sampler: DDIMSampler, init_latent: torch.Tensor,
     generators = seeded_generators(seeds)
     noise = draw_noise(tuple(x0.shape), generators, model.device)  # (B, C, h, w)
     noised = sampler.stochastic_encode(x0, t_enc, noise=noise)
-    with sharing_scope(model, sharing):
+    with sharing_scope(model, sharing, prompts, seeds):
         return sampler.decode(noised, conditioning, t_enc, unconditional_guidance_scale=scale,
                               unconditional_conditioning=unconditional, callback=callback, generator=generators,
                               verbose=verbose)
