@@ -311,3 +311,14 @@ def test_generation_with_subject_masks_records_every_option_in_the_metadata(tiny
     assert (meta["subject"], meta["dropout"], meta["adain"], meta["mode"]) == ("chair", 0.25, True, "all")
     with pytest.raises(InvalidValue, match=r"image 1 \('a table'\)"):
         GenerationRequest(prompt=("a chair", "a table"), batch_size=2, sharing=settings)
+
+
+@pytest.mark.parametrize("spec, expected", [
+    ("up@mask@drop=0.5", dict(groups=("up",), subject=("chair", "table", "lamp", "vase"), dropout=0.5)),
+    ("up@subject=chair/lamp@adain", dict(groups=("up",), subject=("chair", "lamp"), adain=True)),
+    ("up@pooled", dict(groups=("up",), mode="pooled")),
+    ("all@mean", dict(mode="mean")),
+])
+def test_the_harness_names_every_variant(spec, expected):
+    from ldm.eval.configurations import parse_configuration
+    assert parse_configuration(spec).sharing == SharedAttentionSettings(**expected)

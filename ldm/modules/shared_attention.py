@@ -240,7 +240,8 @@ class SharedAttentionSettings:
                    "nothing to attend to" if self.mode == "others" else "adds no other images' tokens to select from")
             for name, used in (("subject", bool(self.subject)), ("dropout", self.dropout > 0)):
                 if used:
-                    raise InvalidValue(name, getattr(self, name), f"mode {self.mode!r} {why}; use mode 'all', "
+                    value = ",".join(self.subject) if name == "subject" else self.dropout
+                    raise InvalidValue(name, value, f"mode {self.mode!r} {why}; use mode 'all', "
                                                                   "'anchor' or 'pooled' with it")
         if self.mode == "mean" and self.strength != 0.0:
             raise InvalidValue("strength", self.strength, "mode 'mean' has no other images' keys to bias; use "
