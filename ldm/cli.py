@@ -46,7 +46,8 @@ DEMO_CKPT = "models/demo/demo.safetensors"
 # Defaults that depend on the model: SD v1 (CompVis' values) and the demo model (CPU-quick).
 SD_DEFAULTS = dict(config=SD_CONFIG, ckpt=SD_CKPT, ddim_steps=50, scale=7.5, n_samples=3, n_iter=2)
 DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, ddim_steps=25, scale=3.0, n_samples=4, n_iter=1)
-SHARING_OPTIONS = ("shared_attn_mode", "shared_attn_anchors", "shared_attn_steps", "shared_attn_strength")
+SHARING_OPTIONS = ("shared_attn_mode", "shared_attn_anchors", "shared_attn_steps", "shared_attn_strength",
+                   "shared_attn_subject", "shared_attn_dropout", "shared_attn_adain")
 
 # The flag that sets each request field (and sharing setting) in txt2img and img2img.
 GENERATION_FLAGS = {
@@ -57,6 +58,8 @@ GENERATION_FLAGS = {
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
     "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
+    "sharing.subject": "--shared-attn-subject", "sharing.dropout": "--shared-attn-dropout",
+    "sharing.adain": "--shared-attn-adain",
 }
 
 
@@ -171,7 +174,9 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                        help="layers to share: all, down, mid, up, down.64, up.32, 32, ... comma-separated; "
                             "'help' lists the groups and layers")
     group.add_argument("--shared-attn-mode", type=str, choices=MODES, default=None,
-                       help="all (default): every image sees every image of its batch; anchor: images see the first K")
+                       help="all (default): every image sees every image of its batch; anchor: images see the first "
+                            "K; others: only the other images; pooled: the others 2x2-pooled; mean: keys and values "
+                            "from (group mean + 2 x own) / 3 ('--shared-attn help' explains each)")
     group.add_argument("--shared-attn-anchors", type=int, default=None, metavar="K",
                        help="anchor images (anchor mode; default 1)")
     group.add_argument("--shared-attn-steps", type=str, default=None, metavar="START:END",
@@ -185,6 +190,14 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                             "repeat for several (e.g. every image of a batch)")
     group.add_argument("--shared-attn-reference-prompt", type=str, default="", metavar="TEXT",
                        help="what a reference picture (not a generated PNG) shows, to invert it with (default empty)")
+    group.add_argument("--shared-attn-subject", type=str, default=None, metavar="WORD[,WORD...]",
+                       help="prompt words naming the subject (every prompt must contain one): of the other images "
+                            "only the subject's tokens are shared, found from the words' cross-attention")
+    group.add_argument("--shared-attn-dropout", type=float, default=None, metavar="P",
+                       help="drop each of the other images' tokens with probability P (0 <= P < 1), redrawn every "
+                            "step from the run's seed")
+    group.add_argument("--shared-attn-adain", action="store_true", default=None,
+                       help="AdaIN of queries and keys towards the first image of the batch (the anchor)")
     group.add_argument("--compare", action="store_true",
                        help="also generate the same seeds without sharing and save both as one labelled grid")
 
@@ -259,8 +272,12 @@ def check_checkpoint(opt: argparse.Namespace) -> Path:
 
 
 def print_shared_attention_help(opt: argparse.Namespace) -> None:
-    """--shared-attn help: the groups and layers, from the config alone (no checkpoint needed)."""
+    """--shared-attn help: the groups, layers and modes, from the config alone (no checkpoint needed)."""
     print(describe_layers(model_spec(opt).unet))
+    print("Options: --shared-attn-subject WORD[,WORD] (subject masks from cross-attention; sharing starts at the "
+          "second step), --shared-attn-dropout P (0 <= P < 1, seeded by --seed), --shared-attn-adain (AdaIN of "
+          "queries and keys towards the first image); each combines with groups, anchors, steps and strength, "
+          "except that modes others and mean take no subject or dropout, and mean no strength.")
 
 
 def shared_attention_settings(opt: argparse.Namespace) -> Optional[SharedAttentionSettings]:
@@ -283,7 +300,10 @@ def shared_attention_settings(opt: argparse.Namespace) -> Optional[SharedAttenti
         return SharedAttentionSettings(
             groups=parse_groups(opt.shared_attn), mode=opt.shared_attn_mode or "all",
             anchors=1 if opt.shared_attn_anchors is None else opt.shared_attn_anchors, steps=(start, end),
-            strength=0.0 if opt.shared_attn_strength is None else opt.shared_attn_strength)
+            strength=0.0 if opt.shared_attn_strength is None else opt.shared_attn_strength,
+            subject=parse_groups(opt.shared_attn_subject or ""),
+            dropout=0.0 if opt.shared_attn_dropout is None else opt.shared_attn_dropout,
+            adain=bool(opt.shared_attn_adain))
     except InvalidValue as error:
         raise error.within("sharing") from None
 

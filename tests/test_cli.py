@@ -21,6 +21,7 @@ from PIL import Image
 
 import ldm.checkpoint
 from ldm.generation import generate_latents, img2img_latents, make_sampler
+from ldm.modules.shared_attention import MODES
 from tests.conftest import TINY_CONFIG, load_script
 
 STEPS = "2"
@@ -259,9 +260,12 @@ def test_shared_attn_help_lists_groups_and_layers_without_a_checkpoint(capsys, t
                             "--shared-attn", "help"])
     out = capsys.readouterr().out
     assert written == []
-    tags = [line.split()[0] for line in out.splitlines() if line.startswith("  ")]
+    layers, modes = out.split("Modes:")
+    tags = [line.split()[0] for line in layers.splitlines() if line.startswith("  ")]
     assert tags[0] == "down.64" and tags[-1] == "up.64" and "mid.8" in tags
     assert "Group names: all, down, mid, up" in out
+    assert [line.split()[0] for line in modes.splitlines() if line.startswith("  ")] == list(MODES)
+    assert "--shared-attn-subject" in out and "--shared-attn-dropout" in out and "--shared-attn-adain" in out
 
 
 # ----------------------------------------------------------------------------- img2img

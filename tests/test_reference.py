@@ -172,6 +172,14 @@ def test_a_reference_needs_anchor_mode_and_ddim():
     assert error.value.field == "sampler"
 
 
+
+@pytest.mark.parametrize("option", [{"subject": ("chair",)}, {"dropout": 0.5}, {"adain": True}])
+def test_a_reference_is_not_yet_combined_with_subject_masks_dropout_or_adain(option):
+    with pytest.raises(InvalidValue) as error:
+        second_request("x.png", sharing=replace(SHARING, **option))
+    assert error.value.field == "sharing." + next(iter(option))
+
+
 # ----------------------------------------------------------------------------- the scripts
 @pytest.fixture(scope="module")
 def run_txt2img(tiny_ckpt, tmp_path_factory):

@@ -1,7 +1,7 @@
 """Configurations of the consistency evaluation: named ways of generating a prompt set.
 
 A configuration is plain generation ('off') or batch-shared attention over some layer groups, with an
-optional step window, strength and anchor mode (`ldm.modules.shared_attention`). This module parses
+optional step window, strength, mode (anchor, others, pooled, mean), subject masks, dropout and AdaIN (`ldm.modules.shared_attention`). This module parses
 the text syntax (CONFIGURATION_SYNTAX), derives the default list from a UNet's layer groups, and
 checks every configuration against the model before anything runs.
 """
@@ -12,6 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
+from ldm.data.synthetic import CLASSES
 from ldm.errors import InvalidValue
 from ldm.modules.shared_attention import PATHS, SharedAttentionSettings, select_layers, valid_group_names
 
@@ -28,8 +29,9 @@ class Configuration:
 
 
 CONFIGURATION_SYNTAX = ("GROUPS[@OPTION...]: GROUPS joined by '+' (all, down, mid, up, up.32, 32, ...), OPTION "
-                        "START:END (step window), s=STRENGTH, anchor or anchor=K; or 'off', 'anchor' (= all@anchor=1), "
-                        "'default' (the default list)")
+                        "START:END (step window), s=STRENGTH, anchor or anchor=K, mask (subject masks of the "
+                        "synthetic world's class nouns), subject=WORD/WORD, drop=P (shared-token dropout), adain, "
+                        "others, pooled or mean (modes); or 'off', 'anchor' (= all@anchor=1), 'default' (the default list)")
 
 
 def parse_configuration(spec: str) -> Configuration:
@@ -48,6 +50,16 @@ def parse_configuration(spec: str) -> Configuration:
                 values["strength"] = float(option[2:])
             elif option == "anchor" or option.startswith("anchor="):
                 values["mode"], values["anchors"] = "anchor", int(option.partition("=")[2] or 1)
+            elif option == "mask":
+                values["subject"] = tuple(CLASSES)
+            elif option.startswith("subject="):
+                values["subject"] = tuple(w for w in option[len("subject="):].split("/") if w)
+            elif option.startswith("drop="):
+                values["dropout"] = float(option[len("drop="):])
+            elif option == "adain":
+                values["adain"] = True
+            elif option in ("others", "pooled", "mean"):
+                values["mode"] = option
             else:
                 raise ValueError(f"unknown option {option!r}")
         return Configuration(name, SharedAttentionSettings(**values))

@@ -4,7 +4,8 @@
 hook receives the layer's input x (B, N, C) and its text context (B, T, D), recomputes the attention
 probabilities softmax(q k^T * scale) per head from the layer's own `to_q` / `to_k`, reduces them and
 returns nothing, so the layer's output is the one the layer computed (bit for bit). `CrossAttention`
-itself is not touched, and the probabilities are never built for more than one image and
+itself is not touched (the reading is `ldm.modules.cross_attention_read`, shared with the subject masks
+of batch sharing), and the probabilities are never built for more than one image and
 `QUERY_CHUNK` queries at a time, so the recorder runs at SD v1's 4096 tokens.
 
 What it records, per layer and call, for each image of the batch, given the token positions of its
@@ -28,13 +29,13 @@ from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
 import torch
-from einops import rearrange
 from torch import nn
 
-from ldm.modules.attention import BasicTransformerBlock
+from ldm.modules import cross_attention_read
+from ldm.modules.cross_attention_read import context_of, layer_queries_and_keys, probability_chunks
 from ldm.modules.shared_attention import find_unet
 
-QUERY_CHUNK = 1024
+QUERY_CHUNK = cross_attention_read.QUERY_CHUNK
 Roles = Mapping[str, Sequence[int]]  # role -> token positions of one prompt
 
 
@@ -49,9 +50,7 @@ class CallRecord:
 
 def cross_attention_layers(model: nn.Module) -> list[tuple[str, str, nn.Module]]:
     """(module path, level tag, layer) of every `attn2` of the model's UNet, in forward order."""
-    unet = find_unet(model)
-    return [(f"{name}.attn2", block.attn1.tag, block.attn2) for name, block in unet.named_modules()
-            if isinstance(block, BasicTransformerBlock)]
+    return cross_attention_read.cross_attention_layers(find_unet(model))
 
 
 def token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, roles: Sequence[Roles],
@@ -65,15 +64,13 @@ def token_attention(q: torch.Tensor, k: torch.Tensor, scale: float, roles: Seque
     record = CallRecord(mass={r: nan.clone() for r in names}, entropy={r: nan.clone() for r in mapped},
                         peak={r: nan.clone() for r in mapped})
     for b in range(batch):
-        keys = k[b].float().transpose(-1, -2)  # (heads, d, T)
         mass = {role: 0.0 for role in roles[b]}
         maps = {role: torch.zeros(heads, pixels) for role in mapped if len(roles[b].get(role, ()))}
-        for start in range(0, pixels, QUERY_CHUNK):
-            probs = (q[b, :, start:start + QUERY_CHUNK].float() @ keys * scale).softmax(dim=-1)  # (heads, n, T)
+        for start, probs in probability_chunks(q[b], k[b], scale, QUERY_CHUNK):  # probs (heads, n, T)
             for role, positions in roles[b].items():
                 mass[role] += probs[..., list(positions)].sum().item()
             for role, image_map in maps.items():
-                image_map[:, start:start + QUERY_CHUNK] = probs[..., list(roles[b][role])].sum(dim=-1)  # (heads, n)
+                image_map[:, start:start + probs.shape[1]] = probs[..., list(roles[b][role])].sum(dim=-1)  # (heads, n)
         for role, total in mass.items():
             record.mass[role][b] = total / (heads * pixels)
         for role, image_map in maps.items():
@@ -98,16 +95,13 @@ class CrossAttentionRecorder:
 
     def _hook(self, name: str):
         def record(layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-            x = args[0]
-            context = kwargs["context"] if "context" in kwargs else args[1] if len(args) > 1 else None
+            x, context = args[0], context_of(args, kwargs)
             if context is None:
                 raise ValueError(f"{name} ran without a text context; the recorder reads cross-attention only")
             if self.roles is None:
                 raise ValueError("set recorder.roles (the token roles of each prompt) before each forward pass")
-            with torch.no_grad():
-                q = rearrange(layer.to_q(x), "b n (h d) -> b h n d", h=layer.heads)  # (B, heads, N, d)
-                k = rearrange(layer.to_k(context), "b t (h d) -> b h t d", h=layer.heads)  # (B, heads, T, d)
-                self.records[name].append(token_attention(q, k, layer.scale, self.roles, self.mapped))
+            q, k = layer_queries_and_keys(layer, x, context)  # (B, heads, N, d), (B, heads, T, d)
+            self.records[name].append(token_attention(q, k, layer.scale, self.roles, self.mapped))
         return record
 
     def summary(self) -> dict[str, dict[str, float]]:

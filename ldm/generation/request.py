@@ -25,6 +25,7 @@ from ldm.errors import InvalidValue
 from ldm.generation.model import LatentGeometry
 from ldm.generation.sampling import batches, encode_steps
 from ldm.modules.shared_attention import SharedAttentionSettings, select_layers
+from ldm.modules.subject_masks import check_prompts_name_subject
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
 PRECISIONS = ("full", "autocast")
@@ -193,6 +194,9 @@ def _check_references(r: GenerationRequest) -> None:
         raise InvalidValue("sharing.mode", r.sharing.mode if r.sharing else None,
                            "a reference anchors every image of the run: share in anchor mode (the reference "
                            "images are the anchors)")
+    for field, value in (("subject", r.sharing.subject), ("dropout", r.sharing.dropout), ("adain", r.sharing.adain)):
+        if value:  # the recorded anchors are offered whole; masks, dropout and AdaIN do not reach them yet
+            raise InvalidValue(f"sharing.{field}", value, "is not combined with references yet: drop one of them")
     if r.img2img:
         raise InvalidValue("init_image", r.init_image_name, "references extend text-to-image runs only")
     if r.sampler != "ddim":
@@ -219,6 +223,8 @@ def _check_sharing(r: GenerationRequest) -> None:
         return
     if not isinstance(r.sharing, SharedAttentionSettings):
         raise InvalidValue("sharing", r.sharing, "must be a SharedAttentionSettings or None")
+    if r.sharing.subject:
+        check_prompts_name_subject(r.prompts, r.sharing.subject)
     if r.sharing.strength == -math.inf:
         return  # sharing switched off by its strength: no step needs to be selected
     total = r.denoising_steps

@@ -21,7 +21,7 @@ from PIL import Image
 from ldm.generation.images import tensor_to_images
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling_util import draw_noise
-from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings
+from ldm.modules.shared_attention import SharedAttentionSettings, controller_for
 from ldm.modules.shared_reference import RecordedAnchors
 
 StepCallback = Optional[Callable[[int], None]]
@@ -46,14 +46,15 @@ def seeded_generators(seeds: Sequence[int]) -> list[torch.Generator]:
 
 
 @contextlib.contextmanager
-def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings],
-                  reference: Optional[RecordedAnchors] = None) -> Iterator[None]:
-    """Batch-shared attention with `settings` for the duration of the block; nothing when None.
-    With `reference`, every image attends to its own tokens and the recorded anchors'."""
+def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings], prompts: Sequence[str],
+                  seeds: Sequence[int], reference: Optional[RecordedAnchors] = None) -> Iterator[None]:
+    """Batch-shared attention with `settings` for the duration of the block; nothing when None. The
+    prompts locate subject words; the batch's first seed seeds the dropout. With `reference`, every
+    image attends to its own tokens and the recorded anchors'."""
     if settings is None:
         yield
         return
-    with SharedAttention(model, settings) as controller:
+    with controller_for(model, settings, prompts=prompts, seed=int(seeds[0])) as controller:
         with reference.attached(controller) if reference is not None else contextlib.nullcontext():
             yield
 
@@ -85,7 +86,7 @@ def generate_latents(model: Any, sampler: Any, prompts: Sequence[str], seeds: Se
     generators = seeded_generators(seeds)
     if x_T is None:
         x_T = draw_noise((len(seeds), *shape), generators, model.device)  # (B, C, H, W)
-    with sharing_scope(model, sharing, reference):
+    with sharing_scope(model, sharing, prompts, seeds, reference):
         samples, _ = sampler.sample(S=steps, batch_size=len(prompts), shape=tuple(shape), conditioning=conditioning,
                                     callback=callback, unconditional_guidance_scale=scale,
                                     unconditional_conditioning=unconditional, eta=eta, x_T=x_T, verbose=verbose,
@@ -129,7 +130,7 @@ def img2img_latents(model: Any, sampler: DDIMSampler, init_latent: torch.Tensor,
     generators = seeded_generators(seeds)
     noise = draw_noise(tuple(x0.shape), generators, model.device)  # (B, C, h, w)
     noised = sampler.stochastic_encode(x0, t_enc, noise=noise)
-    with sharing_scope(model, sharing):
+    with sharing_scope(model, sharing, prompts, seeds):
         return sampler.decode(noised, conditioning, t_enc, unconditional_guidance_scale=scale,
                               unconditional_conditioning=unconditional, callback=callback, generator=generators,
                               verbose=verbose)

@@ -24,9 +24,33 @@ What each query sees (B images in a sharing group, N tokens each, keys/values K_
 - mode "anchor": the first A images (the anchors) attend to [K_1 ... K_A] only, so they come out
   exactly as if generated alone (as a batch of A with "all"); every other image i attends to
   [K_i, K_1 ... K_A]. More images can then be made consistent with a fixed set.
+- mode "others": image i attends to the other images' tokens only, not its own. Intuition: an image
+  can then only copy appearance from its mates, the strongest pull towards one subject (and the
+  biggest risk of losing its own structure). Identical images stay unchanged.
+- mode "pooled": image i attends to its own N tokens and to the other images' tokens average-pooled
+  2x2 over the token grid. Intuition: appearance (colour, material) is smooth at that scale, layout
+  detail is not needed from the others, and the extra keys cost a quarter.
+- mode "mean": no concatenation at all; image i attends to its own N tokens, but its keys and values
+  come from (mean over the group + 2 x own) / 3 of the layer input. Intuition: a cheap nudge of every
+  image towards the group's average content, at the cost of plain attention. Identical images stay
+  unchanged.
 - strength s: an additive bias on the logits of the other images' keys (own keys get 0). s = 0 is
   plain concatenation; s < 0 weakens the pull of the other images (-inf switches it off); s > 0
   strengthens it.
+
+Subject-aware options (the best training-free methods' knobs; see ldm/modules/shared_variants.py for
+the gathered kernel they use, ldm/modules/subject_masks.py for the masks):
+- subject words: of the other images, a query sees only the tokens that show the subject, read from
+  the cross-attention of the subject's words (an Otsu-thresholded map); its own image stays fully
+  visible. Backgrounds are then not pulled together. No mask exists at the first model call, so
+  sharing starts at the second. Not with "others" (a query could see nothing) or "mean".
+- dropout p: each offered token of the other images is dropped with probability p, drawn anew at
+  every model call from a generator seeded with the run's seed (the first image's seed of the batch),
+  so runs reproduce. Dropped tokens are left out, not masked, so they cost nothing; layouts stay
+  more varied. p = 0 is plain sharing. Not with "others" or "mean".
+- AdaIN: before attending, every image's queries and keys get the per-channel mean and std (over its
+  tokens) of the first image of its sharing group (the first anchor in anchor mode), so the
+  images' attention statistics, and with them style, line up. Identical images stay unchanged.
 
 A sharing group never crosses the classifier-free-guidance halves: with guidance a batch is
 [unconditional images; conditional images] and each half is its own group, so the unconditional
@@ -37,7 +61,8 @@ infers it from the batch size.
 Cost: in a shared layer with "all", each query attends to B*N keys instead of N, so attention FLOPs
 grow with the group size B (B times the plain layer, per image). Memory stays linear in B because the
 concatenation is done by regrouping tensors, never by building a (B*N) x (B*N) mask or logits tensor:
-`scaled_dot_product_attention` does the rest.
+`scaled_dot_product_attention` does the rest. Masks, dropout, "others" and "pooled" gather the tokens
+each image offers instead, so a query attends to N + (what it is offered) keys.
 
 Which layers
 ------------
@@ -51,12 +76,16 @@ Use
     with shared_attention(model, groups="up", mode="all", steps=(0.0, 0.6)):
         samples, _ = sampler.sample(...)
 
-On exit every layer is restored. A step window needs the sampler to report the step, which our
+    with shared_attention(model, groups="up", subject="chair", dropout=0.5, prompts=prompts, seed=42):
+        ...  # `prompts`: the batch's prompts, to find the subject's tokens (or `subject_positions=`)
+
+On exit every layer (and every hook) is restored. A step window needs the sampler to report the step, which our
 samplers do through the guidance helper; outside a sampler no step is known and the window is ignored.
 """
 from __future__ import annotations
 
 import math
+import re
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
 from typing import TYPE_CHECKING, Iterator, Optional, Sequence, Union
@@ -67,12 +96,25 @@ import torch.nn.functional as F
 from einops import rearrange
 
 from ldm.errors import InvalidValue
-from ldm.modules.attention import CrossAttention
+from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.cross_attention_read import context_of, cross_attention_layers
+from ldm.modules.shared_variants import (adain_to_group_reference, attend_own_and_offered, blend_with_group_mean,
+                                         offers, others_seen, pool_tokens)
+from ldm.modules.subject_masks import SubjectMasks, subject_token_positions
 
 if TYPE_CHECKING:
     from ldm.modules.shared_reference import RecordedAnchors
 
-MODES = ("all", "anchor")
+MODES = ("all", "anchor", "others", "pooled", "mean")
+MODE_INTUITIONS = {
+    "all": "every image sees every image of its group (own tokens included)",
+    "anchor": "the first K images share among themselves; every other image sees itself and them",
+    "others": "an image sees only the other images' tokens, not its own",
+    "pooled": "an image sees its own tokens and the others' average-pooled 2x2 (a quarter of the extra cost)",
+    "mean": "keys and values from (group mean + 2 x own) / 3 of the layer input; no extra keys",
+}
+# Offset between an image's noise seed and the dropout generator's, so the two streams differ.
+DROPOUT_SEED_OFFSET = 0x5EED_D0
 PATHS = ("down", "mid", "up")
 # Strengths beyond this magnitude make no difference to a float32 softmax (e^-1000 == 0), and keeping
 # the bias finite keeps the key padding below representable in float16.
@@ -159,13 +201,19 @@ def shared_batch_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *,
 class SharedAttentionSettings:
     """What to share. `groups`: layer selection (see the module docstring); `mode`: "all" or "anchor";
     `anchors`: how many leading images anchor the rest in "anchor" mode; `steps`: the (start, end)
-    fraction of the denoising steps during which sharing is on; `strength`: logit bias on other images."""
+    fraction of the denoising steps during which sharing is on; `strength`: logit bias on other images;
+    `subject`: the prompt words naming the subject (masks from cross-attention; () = no masks);
+    `dropout`: probability of dropping each of the other images' tokens; `adain`: AdaIN of queries and
+    keys towards the first image of each group."""
 
     groups: tuple[str, ...] = ("all",)
     mode: str = "all"
     anchors: int = 1
     steps: tuple[float, float] = (0.0, 1.0)
     strength: float = 0.0
+    subject: tuple[str, ...] = ()
+    dropout: float = 0.0
+    adain: bool = False
 
     def __post_init__(self) -> None:
         if not self.groups:
@@ -181,6 +229,31 @@ class SharedAttentionSettings:
                                                     "<= 1 (fractions of the steps)")
         if math.isnan(self.strength) or self.strength == math.inf:
             raise InvalidValue("strength", self.strength, "strength must be a number or -inf (off)")
+        if isinstance(self.subject, str):
+            object.__setattr__(self, "subject", parse_groups(self.subject))
+        bad = [w for w in self.subject if not re.fullmatch(r"[A-Za-z0-9']+", w)]
+        if bad:
+            raise InvalidValue("subject", ",".join(self.subject), f"subject words are single words (letters, digits), "
+                                                                  f"got {bad[0]!r}; separate several with commas")
+        if not isinstance(self.dropout, (int, float)) or isinstance(self.dropout, bool) \
+                or not 0.0 <= self.dropout < 1.0:
+            raise InvalidValue("dropout", self.dropout, "the dropout probability must satisfy 0 <= p < 1")
+        if self.mode in ("others", "mean"):
+            why = ("leaves a query only the other images' tokens, so masking or dropping them could leave it "
+                   "nothing to attend to" if self.mode == "others" else "adds no other images' tokens to select from")
+            for name, used in (("subject", bool(self.subject)), ("dropout", self.dropout > 0)):
+                if used:
+                    value = ",".join(self.subject) if name == "subject" else self.dropout
+                    raise InvalidValue(name, value, f"mode {self.mode!r} {why}; use mode 'all', "
+                                                                  "'anchor' or 'pooled' with it")
+        if self.mode == "mean" and self.strength != 0.0:
+            raise InvalidValue("strength", self.strength, "mode 'mean' has no other images' keys to bias; use "
+                                                          "strength 0 with it")
+
+    @property
+    def gathers(self) -> bool:
+        """Whether each image offers a selection of its tokens (the gathered kernel) rather than all."""
+        return bool(self.subject) or self.dropout > 0 or self.mode in ("others", "pooled")
 
     def in_window(self, progress: float) -> bool:
         """Whether the step at `progress` (step index / number of steps) lies in the step window."""
@@ -192,7 +265,8 @@ class SharedAttentionSettings:
         return [index for index in range(total_steps) if self.in_window(index / total_steps)]
 
     def as_metadata(self) -> dict:
-        return {**asdict(self), "groups": ",".join(self.groups), "steps": f"{self.steps[0]}:{self.steps[1]}"}
+        return {**asdict(self), "groups": ",".join(self.groups), "steps": f"{self.steps[0]}:{self.steps[1]}",
+                "subject": ",".join(self.subject)}
 
 
 def parse_groups(spec: Union[str, Sequence[str]]) -> tuple[str, ...]:
@@ -238,6 +312,8 @@ def describe_layers(model: nn.Module) -> str:
         lines.append(f"  {layer.tag:<8} {name}")
     lines.append("Group names: " + ", ".join(valid_group_names(model)))
     lines.append("Combine with commas, e.g. 'mid,up' or 'up.32,up.16'; a bare level such as '32' means every path at it.")
+    lines.append("Modes:")
+    lines += [f"  {mode:<8} {text}" for mode, text in MODE_INTUITIONS.items()]
     return "\n".join(lines)
 
 
@@ -251,17 +327,32 @@ class BatchLayout:
 
 
 class SharedAttention:
-    """The controller: holds the settings, marks the selected layers while active, restores on exit."""
+    """The controller: holds the settings, marks the selected layers while active, restores on exit.
 
-    def __init__(self, model: nn.Module, settings: SharedAttentionSettings):
+    `subject_positions[i]`: the subject's token positions in the prompt of (conditional) image i, needed
+    with subject words (`subject_token_positions` finds them from the prompts); `seed`: the run's seed,
+    which seeds the dropout generator."""
+
+    def __init__(self, model: nn.Module, settings: SharedAttentionSettings,
+                 subject_positions: Optional[Sequence[Sequence[int]]] = None, seed: int = 0):
         self.settings = settings
         self.unet = find_unet(model)
         self.layers = select_layers(self.unet, settings.groups)
+        if settings.subject and subject_positions is None:
+            raise ValueError("subject masks need the subject's token positions in each prompt; pass the prompts "
+                             "(or subject_positions)")
+        self.subject_positions = subject_positions
+        self.seed = int(seed)
         self.layout = BatchLayout()
         # Anchors recorded in another run (ldm/modules/shared_reference.py), set while attached: every
         # image then attends to its own tokens and theirs.
         self.reference: Optional["RecordedAnchors"] = None
+        self.masks: Optional[SubjectMasks] = None
+        self.grid: Optional[tuple[int, int]] = None  # token grid of the running transformer
+        self.latent_grid: Optional[tuple[int, int]] = None  # of the running UNet call
+        self._generator: Optional[torch.Generator] = None
         self._previous: list[tuple[CrossAttention, Optional[SharedAttention]]] = []
+        self._hooks: list = []
 
     def __enter__(self) -> "SharedAttention":
         if self.unet.shared_attention is not None:
@@ -270,30 +361,93 @@ class SharedAttention:
         for _, layer in self.layers:
             layer.batch_sharing = self
         self.unet.shared_attention = self
+        s = self.settings
+        if s.dropout > 0:
+            self._generator = torch.Generator().manual_seed((self.seed + DROPOUT_SEED_OFFSET) % 2 ** 63)
+        if s.subject or s.mode == "pooled":
+            self._hooks.append(self.unet.register_forward_pre_hook(self._new_call))
+            for module in self.unet.modules():
+                if isinstance(module, SpatialTransformer):
+                    self._hooks.append(module.register_forward_pre_hook(self._enter_transformer))
+        if s.subject:
+            self.masks = SubjectMasks(self.subject_positions)
+            for _, tag, layer in cross_attention_layers(self.unet):
+                if self.masks.reads(tag):  # read-only: the hook returns nothing, the output stays the layer's
+                    self._hooks.append(layer.register_forward_hook(self._read_cross_attention, with_kwargs=True))
         return self
 
     def __exit__(self, *exc) -> None:
         for layer, previous in self._previous:
             layer.batch_sharing = previous
+        while self._hooks:
+            self._hooks.pop().remove()
         self._previous = []
         self.unet.shared_attention = None
         self.layout = BatchLayout()
+        self.masks, self._generator = None, None
 
+    # ---- hooks: where the running call is ----------------------------------------------------------
+    def _new_call(self, unet: nn.Module, args: tuple) -> None:
+        self.latent_grid = tuple(args[0].shape[-2:])
+        if self.masks is not None:
+            self.masks.new_call()
+
+    def _enter_transformer(self, transformer: nn.Module, args: tuple) -> None:
+        self.grid = tuple(args[0].shape[-2:])  # (h, w) of the feature map its blocks run on
+
+    def _read_cross_attention(self, layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        self.masks.record(layer, args[0], context_of(args, kwargs), self.grid, self.latent_grid, self.layout.halves)
+
+    # ---- the attention -----------------------------------------------------------------------------
     def applies_now(self) -> bool:
-        """Inside the step window (always, when no step is known) and not switched off by strength."""
+        """Inside the step window (always, when no step is known), not switched off by strength, and with
+        subject masks only once a mask exists."""
         if self.settings.strength == -math.inf:
+            return False
+        if self.masks is not None and not self.masks.ready:
             return False
         progress = self.layout.progress
         return progress is None or self.settings.in_window(progress)
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, scale: float) -> torch.Tensor:
+        """q, k, v (B, heads, N, d) of a selected self-attention layer -> its attention output, same shape."""
         s = self.settings
+        halves = self.layout.halves
+        if q.shape[0] % halves:
+            raise ValueError(f"a batch of {q.shape[0]} cannot be split into {halves} guidance halves")
         strength = max(-MAX_ABS_STRENGTH, min(MAX_ABS_STRENGTH, s.strength))
         if self.reference is not None:
-            return self.reference.attend(q, k, v, halves=self.layout.halves, progress=self.layout.progress,
+            return self.reference.attend(q, k, v, halves=halves, progress=self.layout.progress,
                                          strength=strength, scale=scale)
-        return shared_batch_attention(q, k, v, halves=self.layout.halves, mode=s.mode, anchors=s.anchors,
-                                      strength=strength, scale=scale)
+        if s.adain:
+            q, k = adain_to_group_reference(q, halves), adain_to_group_reference(k, halves)
+        if s.mode == "mean":
+            return F.scaled_dot_product_attention(q, blend_with_group_mean(k, halves), blend_with_group_mean(v, halves),
+                                                  scale=scale)
+        if not s.gathers:
+            return shared_batch_attention(q, k, v, halves=halves, mode=s.mode, anchors=s.anchors,
+                                          strength=strength, scale=scale)
+        return self._gathered(q, k, v, strength=strength, scale=scale)
+
+    def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strength: float,
+                  scale: float) -> torch.Tensor:
+        """Each image offers its pooled / subject / kept tokens; each query sees its own and the offers."""
+        s, halves, batch = self.settings, self.layout.halves, q.shape[0]
+        offered_k, offered_v, grid = k, v, self.grid
+        if s.mode == "pooled":
+            offered_k, grid = pool_tokens(k, self.grid)  # (B, heads, M, d)
+            offered_v, _ = pool_tokens(v, self.grid)
+        keep = None  # (B, M) bool
+        if self.masks is not None:
+            keep = self.masks.on_grid(grid).to(q.device).repeat(halves, 1)  # the conditional masks, per half
+        if s.dropout > 0:
+            draw = torch.rand(batch, offered_k.shape[2], generator=self._generator).to(q.device)  # (B, M)
+            kept = draw >= s.dropout
+            keep = kept if keep is None else keep & kept
+        offered_k, offered_v = offers(offered_k, offered_v, keep)
+        return attend_own_and_offered(q, k, v, offered_k, offered_v,
+                                      others_seen(batch, halves, s.mode, s.anchors),
+                                      include_own=s.mode != "others", strength=strength, scale=scale)
 
 
 def find_unet(model: nn.Module) -> nn.Module:
@@ -307,12 +461,31 @@ def find_unet(model: nn.Module) -> nn.Module:
 
 
 def shared_attention(model: nn.Module, groups: Union[str, Sequence[str]] = "all", mode: str = "all",
-                     anchors: int = 1, steps: tuple[float, float] = (0.0, 1.0),
-                     strength: float = 0.0) -> SharedAttention:
-    """`with shared_attention(model, groups="up"): ...` turns batch sharing on for the selected layers."""
+                     anchors: int = 1, steps: tuple[float, float] = (0.0, 1.0), strength: float = 0.0,
+                     subject: Union[str, Sequence[str]] = (), dropout: float = 0.0, adain: bool = False,
+                     prompts: Optional[Sequence[str]] = None,
+                     subject_positions: Optional[Sequence[Sequence[int]]] = None, seed: int = 0) -> SharedAttention:
+    """`with shared_attention(model, groups="up"): ...` turns batch sharing on for the selected layers.
+    With `subject`, give the batch's `prompts` (a LatentDiffusion model finds the words' tokens with its
+    tokenizer) or the token positions directly; `seed` seeds the dropout."""
     settings = SharedAttentionSettings(groups=parse_groups(groups), mode=mode, anchors=anchors,
-                                       steps=(float(steps[0]), float(steps[1])), strength=float(strength))
-    return SharedAttention(model, settings)
+                                       steps=(float(steps[0]), float(steps[1])), strength=float(strength),
+                                       subject=parse_groups(subject), dropout=dropout, adain=bool(adain))
+    return controller_for(model, settings, prompts=prompts, subject_positions=subject_positions, seed=seed)
+
+
+def controller_for(model: nn.Module, settings: SharedAttentionSettings, prompts: Optional[Sequence[str]] = None,
+                   subject_positions: Optional[Sequence[Sequence[int]]] = None, seed: int = 0) -> SharedAttention:
+    """The controller of `settings` for a batch of `prompts` (needed with subject words unless
+    `subject_positions` is given) generated from `seed`."""
+    if settings.subject and subject_positions is None and prompts is not None:
+        encoder = getattr(model, "cond_stage_model", None)
+        if encoder is None or not hasattr(encoder, "tokenizer"):
+            raise TypeError("finding the subject's tokens needs a model with a text encoder (cond_stage_model); "
+                            "for a bare UNet pass subject_positions")
+        subject_positions = subject_token_positions(encoder.tokenizer, prompts, settings.subject,
+                                                    getattr(encoder, "max_length", 77))
+    return SharedAttention(model, settings, subject_positions=subject_positions, seed=seed)
 
 
 @contextmanager

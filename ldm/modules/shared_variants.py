@@ -1,0 +1,115 @@
+"""The kernels of the sharing variants beyond plain concatenation (see ldm/modules/shared_attention.py).
+
+Layouts: q, k, v are (B, heads, N, d) for a batch of `halves` guidance halves, each one sharing group
+of G = B / halves consecutive images; a layer's N tokens lie on its token grid (h, w), row-major.
+
+The gathered kernel
+-------------------
+Subject masks, dropout, "others" and "pooled" all decide, for each query image i, which tokens of
+which other images it sees. Rather than masking a (B*N) x (B*N) problem, each image j *offers* a
+gathered set of tokens (its masked / kept / pooled keys and values, M_j of them), and each query image
+i attends to [its own N tokens (not in "others"); the offers of the images it sees]. The per-image key
+sets have different lengths, so they are padded to the longest; padding, and the `strength` bias on
+offered tokens, enter as one extra query/key channel (query 1, key bias / scale) rather than as a mask,
+so the fused attention kernels still apply and memory stays linear in the tokens actually seen. What
+is dropped or masked is never computed: this is where dropout and masks save time.
+"""
+from __future__ import annotations
+
+import math
+from typing import Optional, Sequence
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+
+# A logit bias this negative gives exactly 0 in a float32 softmax (e^-1000 == 0) yet stays finite, so
+# 0 * bias is never NaN and the key channel bias / scale stays representable in float16.
+PADDING_BIAS = -1000.0
+ADAIN_EPS = 1e-5
+
+
+def adain_to_group_reference(t: torch.Tensor, halves: int) -> torch.Tensor:
+    """AdaIN: every image's per-channel (per head and channel, over its tokens) mean and std set to those
+    of the first image of its sharing group. t (B, heads, N, d) -> same; the reference is unchanged."""
+    groups = rearrange(t, "(k b) h n d -> k b h n d", k=halves)  # (halves, G, heads, N, d)
+    mean = groups.mean(dim=3, keepdim=True)
+    std = groups.std(dim=3, keepdim=True, unbiased=False) + ADAIN_EPS
+    normalised = (groups - mean) / std * std[:, :1] + mean[:, :1]
+    normalised[:, 0] = groups[:, 0]  # the reference itself stays exactly as it was
+    return rearrange(normalised, "k b h n d -> (k b) h n d")
+
+
+def blend_with_group_mean(t: torch.Tensor, halves: int) -> torch.Tensor:
+    """(mean over the group + 2 * own) / 3, per image. t (B, heads, N, d) -> same. Keys and values are
+    linear in the layer input (no bias), so blending them equals computing them from the blended input."""
+    groups = rearrange(t, "(k b) h n d -> k b h n d", k=halves)  # (halves, G, heads, N, d)
+    blended = (groups.mean(dim=1, keepdim=True) + 2.0 * groups) / 3.0
+    return rearrange(blended, "k b h n d -> (k b) h n d")
+
+
+def pool_tokens(t: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, tuple[int, int]]:
+    """2x2 average pooling over the token grid: t (B, heads, h*w, d) -> (B, heads, ceil(h/2)*ceil(w/2), d)
+    and the pooled grid. An odd last row or column is averaged over the cells it has."""
+    h, w = grid
+    image = rearrange(t, "b e (h w) d -> (b e) d h w", h=h, w=w)
+    pooled = F.avg_pool2d(image, kernel_size=2, ceil_mode=True)  # (B*heads, d, h', w')
+    out_grid = (pooled.shape[-2], pooled.shape[-1])
+    return rearrange(pooled, "(b e) d h w -> b e (h w) d", b=t.shape[0]), out_grid
+
+
+def others_seen(batch: int, halves: int, mode: str, anchors: int) -> list[list[int]]:
+    """For each image of the batch, the other images (batch indices, same half) whose offers it sees:
+    every other image of its group, or in "anchor" mode the anchors (an anchor: the other anchors)."""
+    group = batch // halves
+    seen = []
+    for i in range(batch):
+        start = (i // group) * group
+        members = list(range(start, start + group))
+        if mode == "anchor" and anchors < group:
+            members = members[:anchors]
+        seen.append([j for j in members if j != i])
+    return seen
+
+
+def attend_own_and_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offered_k: Sequence[torch.Tensor],
+                           offered_v: Sequence[torch.Tensor], seen: Sequence[Sequence[int]], *, include_own: bool,
+                           strength: float, scale: float) -> torch.Tensor:
+    """Query image i attends to [own k_i, v_i (if `include_own`); offered_k[j], offered_v[j] for j in
+    seen[i]], with `strength` added to the offered tokens' logits. q, k, v (B, heads, N, d); offers
+    (heads, M_j, d). Returns (B, heads, N, d). Every query image must see at least one token."""
+    batch, heads, _, d = q.shape
+    keys, values, biases = [], [], []
+    for i in range(batch):
+        parts_k = ([k[i]] if include_own else []) + [offered_k[j] for j in seen[i]]
+        parts_v = ([v[i]] if include_own else []) + [offered_v[j] for j in seen[i]]
+        own = k.shape[2] if include_own else 0
+        total = sum(p.shape[1] for p in parts_k)
+        if total == 0:
+            raise ValueError(f"image {i} would attend to no token at all; keep its own tokens or offer some")
+        keys.append(torch.cat(parts_k, dim=1))  # (heads, L_i, d)
+        values.append(torch.cat(parts_v, dim=1))
+        biases.append(torch.cat([q.new_zeros(own), q.new_full((total - own,), strength)]))  # (L_i,)
+    longest = max(t.shape[1] for t in keys)
+    padded = any(t.shape[1] != longest for t in keys)
+    k_all = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[1])) for t in keys])  # (B, heads, L, d)
+    v_all = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[1])) for t in values])  # (B, heads, L, d)
+    if strength == 0.0 and not padded:
+        return F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
+    bias = torch.stack([F.pad(b, (0, longest - b.shape[0]), value=PADDING_BIAS) for b in biases])  # (B, L)
+    # One extra channel: query 1, key bias / scale, so scale * (q_extra . k_extra) = bias.
+    width = 8 * math.ceil((d + 1) / 8)  # one multiple of 8 for every head dimension: fused kernels apply
+    q_extra = q.new_ones(batch, heads, q.shape[2], 1)
+    k_extra = (bias / scale)[:, None, :, None].expand(-1, heads, -1, -1)  # (B, heads, L, 1)
+    q_in = F.pad(torch.cat([q, q_extra], dim=-1), (0, width - d - 1))
+    k_in = F.pad(torch.cat([k_all, k_extra], dim=-1), (0, width - d - 1))
+    v_in = F.pad(v_all, (0, width - d))
+    return F.scaled_dot_product_attention(q_in, k_in, v_in, scale=scale)[..., :d]
+
+
+def offers(k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
+    """Each image's offered tokens: k, v (B, heads, M, d) gathered where keep (B, M) is True (all if None)."""
+    if keep is None:
+        return list(k.unbind(0)), list(v.unbind(0))
+    return ([k[j][:, keep[j]] for j in range(k.shape[0])],  # (heads, M_j, d) each
+            [v[j][:, keep[j]] for j in range(v.shape[0])])
