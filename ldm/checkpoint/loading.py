@@ -13,7 +13,9 @@ weights and the file's tensors at once, plus the copies made while loading: ~2-3
    VAE or text-encoder weights are refused before loading, never left as random values.
 
 Dtypes are the file's (an fp16 file gives an fp16 model; casting is the caller's job), except integer
-buffers such as position_ids, which keep the model's integer dtype because they are used as indices.
+buffers such as position_ids, which keep the model's integer dtype because they are used as indices, and
+the noise schedule, which the model always computes from its config in float32 and only compares with
+the file's copy (`DDPM._load_from_state_dict`).
 """
 from __future__ import annotations
 
