@@ -150,6 +150,18 @@ class DDPM(nn.Module):
         for name in SCHEDULE_BUFFERS:
             self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device=device))
 
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DDPM":
+        # `model.half()` / `.to(torch.bfloat16)` casts every floating buffer; the schedule stays float32
+        # (bfloat16 rounds alpha_bar_0 to 1, and the samplers then divide by sqrt(1 - alpha_bar) = 0).
+        # It follows the device: the float32 values are moved, not re-widened from the rounded ones.
+        schedule = {name: getattr(self, name) for name in SCHEDULE_BUFFERS}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in schedule.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
     def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
         # Every way of loading weights (the checkpoint loader, load_state_dict, Lightning) passes here.
         # The schedule is the config's, computed in float64: a file's copy is only compared with it, so a
