@@ -68,6 +68,7 @@ from einops import rearrange
 
 from ldm.errors import InvalidValue
 from ldm.modules.attention import CrossAttention
+from ldm.modules.attention_kernel import memory_linear_attention
 
 MODES = ("all", "anchor")
 PATHS = ("down", "mid", "up")
@@ -113,7 +114,7 @@ def attend_across_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, s
         q = torch.cat([q, q_extra.expand(G, heads, -1, -1)], dim=-1)  # (G, heads, Iq*N, d+Ik)
         k = torch.cat([k, k_extra.expand(G, heads, -1, -1)], dim=-1)  # (G, heads, Ik*M, d+Ik)
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))  # (..., width)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]  # (G, heads, Iq*N, d)
+    out = memory_linear_attention(q, k, v, scale=scale)[..., :d]  # (G, heads, Iq*N, d)
     return rearrange(out, "g h (i n) d -> g i h n d", i=Iq)
 
 
