@@ -99,3 +99,23 @@ def test_memory_linear_attention_is_plain_sdpa_where_a_fused_kernel_runs():
     q, k, v = torch.randn(3, 2, 40, 8), torch.randn(3, 2, 40, 8), torch.randn(3, 2, 40, 8)
     expected = torch.nn.functional.scaled_dot_product_attention(q, k, v, scale=0.5)
     assert torch.equal(memory_linear_attention(q, k, v, scale=0.5, budget_bytes=1), expected)
+
+
+def test_the_autoencoder_attention_hands_4d_inputs_to_pytorch_and_matches_a_naive_reference(monkeypatch):
+    from ldm.modules.diffusionmodules.model import AttnBlock
+
+    torch.manual_seed(0)
+    block = AttnBlock(16, norm_num_groups=4).eval()
+    x = torch.randn(2, 16, 6, 5)  # (B, C, H, W)
+    shapes = []
+    original = torch.nn.functional.scaled_dot_product_attention
+    monkeypatch.setattr(torch.nn.functional, "scaled_dot_product_attention",
+                        lambda q, *a, **kw: shapes.append(tuple(q.shape)) or original(q, *a, **kw))
+    with torch.no_grad():
+        out = block(x)
+        h = block.norm(x)
+        q, k, v = (proj(h).flatten(2).transpose(1, 2) for proj in (block.q, block.k, block.v))  # (B, HW, C)
+        attended = naive_attention(q, k, v, 16 ** -0.5).transpose(1, 2).reshape(2, 16, 6, 5)
+        expected = x + block.proj_out(attended)
+    assert shapes == [(2, 1, 30, 16)]  # (B, heads, HW, C): the layout fused kernels accept
+    torch.testing.assert_close(out, expected, rtol=1e-5, atol=1e-5)
