@@ -53,6 +53,7 @@ def test_the_demo_model_runs_end_to_end_in_half_precision(float32_run, dtype, la
     assert all(getattr(model.module, name).dtype == torch.float32 for name in SCHEDULE_BUFFERS)
     sample = generate(model, request).samples[0]  # NonFiniteError if anything overflowed
     assert torch.isfinite(sample.latent).all()
+    assert sample.metadata["precision"] == str(dtype).removeprefix("torch.")  # what ran, not "float32"
     assert (sample.latent - reference.latent).abs().max() < latent_bound
     pixels = np.abs(np.asarray(sample.image, dtype=float) - np.asarray(reference.image, dtype=float))
     assert pixels.mean() < pixel_bound

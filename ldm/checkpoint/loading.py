@@ -108,7 +108,9 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike, *, use_ema: boo
     `config` is an OmegaConf config, a dict with `model: {target, params}`, or the path of a YAML file.
     """
     config = _as_config(config)
-    checkpoint = load_checkpoint(ckpt, device)
+    # Read on the CPU (memory-mapped) whatever `device` is: only the tensors the model keeps are moved
+    # below, so a full-EMA file's unused EMA copies (~half of it) never reach the GPU.
+    checkpoint = load_checkpoint(ckpt, "cpu")
     if verbose and checkpoint.global_step is not None:
         print(f"Global step: {checkpoint.global_step}")
     with parameters_on_meta():
