@@ -66,8 +66,9 @@ def test_a_self_attention_layer_chunks_on_the_math_kernel_and_gives_the_same_out
 
 # The shared 64x64 layer at batch 4 (N = 4096 tokens per image, group of 4: 16384 keys), one head of
 # width 40 to keep the test fast. Unchunked, the math kernel holds 16384 x 16384 float32 logits (1 GiB)
-# and their softmax (1 GiB more); chunked, one chunk's scores fit the 256 MiB budget.
-PEAK_BOUND_MIB = 512
+# and their softmax (1 GiB more: 2.3 GiB peak measured); chunked, one chunk's scores and softmax fit the
+# 256 MiB budget (300-540 MiB peak measured, the allocator keeping some freed chunks).
+PEAK_BOUND_MIB = 1024
 CHILD = """
 import json, resource, sys, torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
