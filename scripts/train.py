@@ -51,11 +51,17 @@ def build(config: Any) -> tuple[torch.nn.Module, torch.utils.data.DataLoader]:
 
 
 def trained_state_dict(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, torch.Tensor]:
-    """The weights to ship: the EMA average in place of the raw weights when the model keeps one."""
+    """The weights to ship: the EMA average in place of the raw weights when the model keeps one.
+
+    The noise schedule stays float32 whatever `dtype` is: loaders that read it from the file (ours computes
+    it from the config) would otherwise get it rounded.
+    """
+    from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
     scope = model.ema_scope() if getattr(model, "use_ema", False) else torch.no_grad()
     with scope:
         state = {k: v.detach().clone() for k, v in model.state_dict().items() if not k.startswith("model_ema.")}
-    return {k: (v.to(dtype) if v.is_floating_point() else v).contiguous() for k, v in state.items()}
+    return {k: (v.to(dtype) if v.is_floating_point() and k not in SCHEDULE_BUFFERS else v).contiguous()
+            for k, v in state.items()}
 
 
 def save_atomically(state: dict[str, torch.Tensor], out: Path, metadata: dict[str, str]) -> None:

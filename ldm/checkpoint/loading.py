@@ -13,7 +13,9 @@ weights and the file's tensors at once, plus the copies made while loading: ~2-3
    VAE or text-encoder weights are refused before loading, never left as random values.
 
 Dtypes are the file's (an fp16 file gives an fp16 model; casting is the caller's job), except integer
-buffers such as position_ids, which keep the model's integer dtype because they are used as indices.
+buffers such as position_ids, which keep the model's integer dtype because they are used as indices, and
+the noise schedule, which the model always computes from its config in float32 and only compares with
+the file's copy (`DDPM._load_from_state_dict`).
 """
 from __future__ import annotations
 
@@ -106,7 +108,9 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike, *, use_ema: boo
     `config` is an OmegaConf config, a dict with `model: {target, params}`, or the path of a YAML file.
     """
     config = _as_config(config)
-    checkpoint = load_checkpoint(ckpt, device)
+    # Read on the CPU (memory-mapped) whatever `device` is: only the tensors the model keeps are moved
+    # below, so a full-EMA file's unused EMA copies (~half of it) never reach the GPU.
+    checkpoint = load_checkpoint(ckpt, "cpu")
     if verbose and checkpoint.global_step is not None:
         print(f"Global step: {checkpoint.global_step}")
     with parameters_on_meta():

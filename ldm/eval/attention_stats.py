@@ -51,7 +51,10 @@ def attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float) -> tupl
     """(mean normalised own-image entropy, mean share on other images) for q, k of shape (B, heads, N, d)."""
     batch, _, tokens, _ = q.shape
     pooled = torch.cat(k.unbind(0), dim=1).float().transpose(1, 2)  # (heads, d, B*N): the keys sharing "all" offers
-    entropy_sum, other_sum, count = 0.0, 0.0, 0
+    # Sums stay on the device until the end: an .item() per chunk would make the host wait for the GPU.
+    entropy_sum = torch.zeros((), dtype=torch.float64, device=q.device)
+    other_sum = torch.zeros((), dtype=torch.float64, device=q.device)
+    count = 0
     for i in range(batch):
         for start in range(0, tokens, QUERY_CHUNK):
             queries = q[i, :, start:start + QUERY_CHUNK].float()  # (heads, n, d)
@@ -59,12 +62,12 @@ def attention_statistics(q: torch.Tensor, k: torch.Tensor, scale: float) -> tupl
             own = logits[..., i * tokens:(i + 1) * tokens].softmax(dim=-1)
             if tokens > 1:
                 entropy = -(own * own.clamp_min(1e-30).log()).sum(dim=-1) / math.log(tokens)
-                entropy_sum += entropy.sum().item()
+                entropy_sum += entropy.sum(dtype=torch.float64)
             weights = logits.softmax(dim=-1).unflatten(-1, (batch, tokens)).sum(dim=-1)  # (heads, n, B)
-            other_sum += (1.0 - weights[..., i]).sum().item()
+            other_sum += (1.0 - weights[..., i]).sum(dtype=torch.float64)
             count += queries.shape[0] * queries.shape[1]
-    entropy_mean = entropy_sum / count if tokens > 1 else math.nan  # one token: nothing to choose from
-    return entropy_mean, other_sum / count
+    entropy_mean = entropy_sum.item() / count if tokens > 1 else math.nan  # one token: nothing to choose from
+    return entropy_mean, other_sum.item() / count
 
 
 class AttentionRecorder:

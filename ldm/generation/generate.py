@@ -136,7 +136,7 @@ def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, wi
     values = {
         "sampler": r.sampler, "steps": r.steps, "scale": r.scale, "eta": r.eta, "H": height, "W": width,
         "C": model.geometry.channels, "f": model.geometry.factor,
-        "precision": precision_used(r.precision, model.device), "negative_prompt": r.negative_prompt,
+        "precision": precision_used(r.precision, model.device, model.dtype), "negative_prompt": r.negative_prompt,
         **model.source, "shared_attention": r.sharing.as_metadata() if r.sharing else None,
     }
     if r.references:
@@ -216,7 +216,7 @@ def nonfinite_cause(model: LoadedModel, request: GenerationRequest) -> str:
     if abs(request.scale) > USUAL_MAX_SCALE:
         return (f"every weight is finite, so the arithmetic overflowed: the guidance scale {request.scale:g} is "
                 f"far beyond the usual 1 to {USUAL_MAX_SCALE:g}; lower it")
-    used = precision_used(request.precision, model.device)
+    used = precision_used(request.precision, model.device, model.dtype)
     return f"every weight is finite, so the arithmetic overflowed in {used}" + (
         "; try full precision" if used != "float32" else "")
 

@@ -152,6 +152,12 @@ class LoadedModel:
         return self.module.device
 
     @property
+    def dtype(self) -> torch.dtype:
+        """The weights' dtype (of the first parameter: the UNet's in LatentDiffusion): float32 as loaded,
+        float16 or bfloat16 after `module.half()` or `.to(torch.bfloat16)`."""
+        return next((p.dtype for p in self.module.parameters()), torch.float32)
+
+    @property
     def unet(self) -> nn.Module:
         from ldm.modules.shared_attention import find_unet
         return find_unet(self.module)
@@ -224,6 +230,9 @@ def precision_scope(precision: str, device: torch.device):
     return contextlib.nullcontext()
 
 
-def precision_used(precision: str, device: torch.device) -> str:
-    """What `precision_scope` actually computes in: 'float16 autocast' or 'float32'."""
-    return "float16 autocast" if precision == "autocast" and device.type == "cuda" else "float32"
+def precision_used(precision: str, device: torch.device, weights_dtype: torch.dtype = torch.float32) -> str:
+    """What a run actually computes in: 'float16 autocast' (CUDA only), else the weights' dtype: 'float32',
+    or 'float16' / 'bfloat16' for a model cast without autocast."""
+    if precision == "autocast" and device.type == "cuda":
+        return "float16 autocast"
+    return str(weights_dtype).removeprefix("torch.")

@@ -194,9 +194,9 @@ def _check_references(r: GenerationRequest) -> None:
         raise InvalidValue("sharing.mode", r.sharing.mode if r.sharing else None,
                            "a reference anchors every image of the run: share in anchor mode (the reference "
                            "images are the anchors)")
-    for field, value in (("subject", r.sharing.subject), ("dropout", r.sharing.dropout), ("adain", r.sharing.adain)):
+    for name, value in (("subject", r.sharing.subject), ("dropout", r.sharing.dropout), ("adain", r.sharing.adain)):
         if value:  # the recorded anchors are offered whole; masks, dropout and AdaIN do not reach them yet
-            raise InvalidValue(f"sharing.{field}", value, "is not combined with references yet: drop one of them")
+            raise InvalidValue(f"sharing.{name}", value, "is not combined with references yet: drop one of them")
     if r.img2img:
         raise InvalidValue("init_image", r.init_image_name, "references extend text-to-image runs only")
     if r.sampler != "ddim":

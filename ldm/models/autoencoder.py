@@ -83,12 +83,13 @@ class AutoencoderKL(nn.Module):
 
     def encode(self, x: torch.Tensor) -> DiagonalGaussianDistribution:
         """(B, in_channels, H, W) image -> posterior over (B, embed_dim, H/f, W/f) latents."""
-        moments = self.quant_conv(self.encoder(x))  # (B, 2 * embed_dim, H/f, W/f)
-        return DiagonalGaussianDistribution(moments)
+        # Computed in the weights' dtype (float16 after `model.half()`), returned in the input's.
+        moments = self.quant_conv(self.encoder(x.to(self.quant_conv.weight.dtype)))  # (B, 2 * embed_dim, H/f, W/f)
+        return DiagonalGaussianDistribution(moments.to(x.dtype))
 
     def decode(self, z: torch.Tensor) -> torch.Tensor:
         """(B, embed_dim, h, w) latent -> (B, out_ch, h*f, w*f) image."""
-        return self.decoder(self.post_quant_conv(z))
+        return self.decoder(self.post_quant_conv(z.to(self.post_quant_conv.weight.dtype))).to(z.dtype)
 
     def forward(self, input: torch.Tensor, sample_posterior: bool = True
                 ) -> tuple[torch.Tensor, DiagonalGaussianDistribution]:

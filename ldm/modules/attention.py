@@ -3,7 +3,9 @@
 Layouts: feature maps are (B, C, H, W); inside the transformer they are token sequences (B, N, C) with
 N = H * W; attention heads are split as (B, heads, N, dim_head). Attention always goes through
 `torch.nn.functional.scaled_dot_product_attention`, so no N x N matrix is built by this code and the
-fused kernels (flash / memory-efficient on CUDA, flash on CPU) are used where torch has them.
+fused kernels (flash / memory-efficient on CUDA, flash on CPU) are used where torch has them; where it
+has none (mps, disqualified inputs), self-attention splits its queries into chunks instead
+(`ldm/modules/attention_kernel.py`), so its memory stays linear in the number of keys.
 
 Each `BasicTransformerBlock` has two attention layers:
 - `attn1`, self-attention: the image's tokens attend to the image's own tokens;
@@ -23,6 +25,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ldm.modules.attention_kernel import memory_linear_attention
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
 from ldm.util import default
 
@@ -79,6 +82,7 @@ class CrossAttention(nn.Module):
         self.batch_sharing: Optional["SharedAttention"] = None
 
     def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+        is_self_attention = context is None
         context = default(context, x)
         q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, heads*d), (B, M, heads*d)
         q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))  # (B, heads, N, d)
@@ -87,7 +91,9 @@ class CrossAttention(nn.Module):
             # Batch-shared self-attention: the controller chooses which images' keys and values each
             # image's queries see (see ldm/modules/shared_attention.py for the why and the how).
             out = sharing.attend(q, k, v, scale=self.scale)
-        else:
+        elif is_self_attention:  # N x N scores: query-chunked where PyTorch has no fused kernel (e.g. mps)
+            out = memory_linear_attention(q, k, v, scale=self.scale)  # (B, heads, N, d)
+        else:  # cross-attention: N x 77 scores, left to PyTorch as it is
             out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, d)
         out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, heads*d)
         return self.to_out(out)

@@ -101,6 +101,7 @@ from ldm.modules.cross_attention_read import context_of, cross_attention_layers
 from ldm.modules.shared_variants import (adain_to_group_reference, attend_own_and_offered, blend_with_group_mean,
                                          offers, others_seen, pool_tokens)
 from ldm.modules.subject_masks import SubjectMasks, subject_token_positions
+from ldm.modules.attention_kernel import memory_linear_attention
 
 if TYPE_CHECKING:
     from ldm.modules.shared_reference import RecordedAnchors
@@ -158,7 +159,7 @@ def attend_across_images(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, s
         q = torch.cat([q, q_extra.expand(G, heads, -1, -1)], dim=-1)  # (G, heads, Iq*N, d+Ik)
         k = torch.cat([k, k_extra.expand(G, heads, -1, -1)], dim=-1)  # (G, heads, Ik*M, d+Ik)
         q, k, v = (F.pad(t, (0, width - t.shape[-1])) for t in (q, k, v))  # (..., width)
-    out = F.scaled_dot_product_attention(q, k, v, scale=scale)[..., :d]  # (G, heads, Iq*N, d)
+    out = memory_linear_attention(q, k, v, scale=scale)[..., :d]  # (G, heads, Iq*N, d)
     return rearrange(out, "g h (i n) d -> g i h n d", i=Iq)
 
 
@@ -422,8 +423,8 @@ class SharedAttention:
         if s.adain:
             q, k = adain_to_group_reference(q, halves), adain_to_group_reference(k, halves)
         if s.mode == "mean":
-            return F.scaled_dot_product_attention(q, blend_with_group_mean(k, halves), blend_with_group_mean(v, halves),
-                                                  scale=scale)
+            return memory_linear_attention(q, blend_with_group_mean(k, halves), blend_with_group_mean(v, halves),
+                                           scale=scale)
         if not s.gathers:
             return shared_batch_attention(q, k, v, halves=halves, mode=s.mode, anchors=s.anchors,
                                           strength=strength, scale=scale)

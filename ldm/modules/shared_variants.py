@@ -23,6 +23,8 @@ import torch
 import torch.nn.functional as F
 from einops import rearrange
 
+from ldm.modules.attention_kernel import memory_linear_attention
+
 # A logit bias this negative gives exactly 0 in a float32 softmax (e^-1000 == 0) yet stays finite, so
 # 0 * bias is never NaN and the key channel bias / scale stays representable in float16.
 PADDING_BIAS = -1000.0
@@ -95,7 +97,7 @@ def attend_own_and_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, of
     k_all = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[1])) for t in keys])  # (B, heads, L, d)
     v_all = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[1])) for t in values])  # (B, heads, L, d)
     if strength == 0.0 and not padded:
-        return F.scaled_dot_product_attention(q, k_all, v_all, scale=scale)
+        return memory_linear_attention(q, k_all, v_all, scale=scale)
     bias = torch.stack([F.pad(b, (0, longest - b.shape[0]), value=PADDING_BIAS) for b in biases])  # (B, L)
     # One extra channel: query 1, key bias / scale, so scale * (q_extra . k_extra) = bias.
     width = 8 * math.ceil((d + 1) / 8)  # one multiple of 8 for every head dimension: fused kernels apply
@@ -104,7 +106,7 @@ def attend_own_and_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, of
     q_in = F.pad(torch.cat([q, q_extra], dim=-1), (0, width - d - 1))
     k_in = F.pad(torch.cat([k_all, k_extra], dim=-1), (0, width - d - 1))
     v_in = F.pad(v_all, (0, width - d))
-    return F.scaled_dot_product_attention(q_in, k_in, v_in, scale=scale)[..., :d]
+    return memory_linear_attention(q_in, k_in, v_in, scale=scale)[..., :d]
 
 
 def offers(k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:

@@ -12,6 +12,7 @@ imports Lightning.
 from __future__ import annotations
 
 import random
+import warnings
 from contextlib import contextmanager
 from typing import Any, Mapping, Optional, Sequence
 
@@ -26,11 +27,24 @@ from ldm.modules.ema import LitEma
 from ldm.util import default, instantiate_from_config
 
 # The buffers `register_schedule` derives from the betas; all of them are in SD v1 checkpoints.
+# The model always computes them from its config (see `DDPM._load_from_state_dict`): a float16 file
+# holds them rounded (alpha_bar_0 = 0.99902 instead of 0.99915, 1 - alpha_bar off by 15% at t = 0).
 SCHEDULE_BUFFERS = (
     "betas", "alphas_cumprod", "alphas_cumprod_prev", "sqrt_alphas_cumprod", "sqrt_one_minus_alphas_cumprod",
     "log_one_minus_alphas_cumprod", "sqrt_recip_alphas_cumprod", "sqrt_recipm1_alphas_cumprod",
     "posterior_variance", "posterior_log_variance_clipped", "posterior_mean_coef1", "posterior_mean_coef2",
 )
+
+
+def schedule_matches(stored: torch.Tensor, computed: torch.Tensor) -> bool:
+    """Whether a checkpoint's schedule buffer equals the computed one up to the rounding of its dtype
+    (float16 at least: a float32 file is held to the same tolerance as a float16 one)."""
+    if stored.shape != computed.shape or stored.is_meta:
+        return stored.shape == computed.shape
+    dtypes = [torch.float16] + ([stored.dtype] if stored.is_floating_point() else [])
+    rtol = max(torch.finfo(dtype).eps for dtype in dtypes)  # 2x the largest relative rounding error
+    atol = max(torch.finfo(dtype).tiny for dtype in dtypes)  # values in the subnormal range
+    return torch.allclose(stored.double().cpu(), computed.double().cpu(), rtol=rtol, atol=atol)
 
 
 class DiffusionWrapper(nn.Module):
@@ -135,6 +149,37 @@ class DDPM(nn.Module):
         device = self.betas.device if hasattr(self, "betas") and self.betas.device.type != "meta" else None
         for name in SCHEDULE_BUFFERS:
             self.register_buffer(name, torch.tensor(values[name], dtype=torch.float32, device=device))
+
+    def _apply(self, fn: Any, *args: Any, **kwargs: Any) -> "DDPM":
+        # `model.half()` / `.to(torch.bfloat16)` casts every floating buffer; the schedule stays float32
+        # (bfloat16 rounds alpha_bar_0 to 1, and the samplers then divide by sqrt(1 - alpha_bar) = 0).
+        # It follows the device: the float32 values are moved, not re-widened from the rounded ones.
+        schedule = {name: getattr(self, name) for name in SCHEDULE_BUFFERS}
+        super()._apply(fn, *args, **kwargs)
+        for name, before in schedule.items():
+            after = getattr(self, name)
+            if after.dtype != before.dtype:
+                setattr(self, name, before.to(after.device))
+        return self
+
+    def _load_from_state_dict(self, state_dict: dict, prefix: str, *args: Any, **kwargs: Any) -> None:
+        # Every way of loading weights (the checkpoint loader, load_state_dict, Lightning) passes here.
+        # The schedule is the config's, computed in float64: a file's copy is only compared with it, so a
+        # float16 file cannot bring a rounded schedule, and one from another schedule is named.
+        mismatched = []
+        for name in SCHEDULE_BUFFERS:
+            key = prefix + name
+            if key in state_dict:
+                computed = getattr(self, name)
+                if not schedule_matches(state_dict[key], computed):
+                    mismatched.append(name)
+                state_dict[key] = computed
+        if mismatched:
+            warnings.warn(
+                f"the checkpoint's noise schedule differs from the one this config computes beyond float16 rounding "
+                f"({', '.join(mismatched)}); using the config's. If the checkpoint was trained with another schedule, "
+                "set timesteps, linear_start and linear_end in the config to match it.", stacklevel=2)
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
 
     @contextmanager
     def ema_scope(self):

@@ -96,15 +96,28 @@ def draw_noise(shape: tuple[int, ...], generator: Generators, device: torch.devi
     `generator` may be one generator for the whole tensor or a sequence with one generator per entry of
     the first (batch) dimension; then image i's noise is the next draw of its own generator, so it does
     not depend on the image's batch position or on its batch mates. Noise is drawn on the generator's
-    own device and then moved, so a CPU generator also works for a GPU model.
+    own device and then moved (`to_device_without_waiting`), so a CPU generator also works for a GPU model.
     """
     if isinstance(generator, (list, tuple)):
         if len(generator) != shape[0]:
             raise ValueError(f"got {len(generator)} generators for a batch of {shape[0]}; give one per image")
         noise = [torch.randn(tuple(shape[1:]), generator=g, device=g.device, dtype=dtype) for g in generator]
-        return torch.stack(noise).to(device)
+        return to_device_without_waiting(torch.stack(noise), device)
     source = generator.device if generator is not None else device
-    return torch.randn(shape, generator=generator, device=source, dtype=dtype).to(device)
+    return to_device_without_waiting(torch.randn(shape, generator=generator, device=source, dtype=dtype), device)
+
+
+def to_device_without_waiting(tensor: torch.Tensor, device: torch.device | str) -> torch.Tensor:
+    """`tensor.to(device)`, except that a CPU -> CUDA copy does not make the host wait for the GPU.
+
+    A copy from ordinary (pageable) memory synchronises with the GPU, so the sampler would stall after
+    every step that draws eta noise; from pinned memory it is queued behind the running step instead
+    (the pinned block stays reserved until the copy is done). The values are the same either way.
+    """
+    device = torch.device(device)
+    if device.type != "cuda" or tensor.device.type != "cpu":
+        return tensor.to(device)
+    return tensor.pin_memory().to(device, non_blocking=True)
 
 
 def _batch_size_of(conditioning: Any) -> Optional[int]:

@@ -19,6 +19,8 @@ import torch.nn as nn
 import torch.nn.functional as F
 from einops import rearrange
 
+from ldm.modules.attention_kernel import memory_linear_attention
+
 # The encoder and decoder are both built from the same `ddconfig`; each accepts, and ignores, the
 # options that only concern the other one.
 _DECODER_ONLY_OPTIONS = frozenset({"give_pre_end", "tanh_out"})
@@ -104,8 +106,10 @@ class AttnBlock(nn.Module):
     """Single-head self-attention over all H*W positions, with a residual connection.
 
     q, k, v and proj_out are 1x1 convolutions because that is how the checkpoint stores them. The
-    attention itself is `scaled_dot_product_attention` (scale 1/sqrt(C)), so no (HW x HW) score matrix
-    is materialised by this code; at 512x512 the decoder's mid block has 4096 positions.
+    attention itself is `scaled_dot_product_attention` (scale 1/sqrt(C)) on 4-D (B, 1 head, HW, C)
+    inputs, the layout PyTorch's fused kernels take (3-D inputs always ran the math path and its
+    (HW x HW) score matrix); where no fused kernel applies (mps, C beyond a kernel's head width), the
+    queries are chunked (`ldm/modules/attention_kernel.py`). At 512x512 the mid blocks have 4096 positions.
     """
 
     def __init__(self, in_channels: int, norm_num_groups: int = 32) -> None:
@@ -120,9 +124,9 @@ class AttnBlock(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         height, width = x.shape[-2:]
         h = self.norm(x)
-        q, k, v = (rearrange(proj(h), "b c h w -> b (h w) c") for proj in (self.q, self.k, self.v))  # (B, HW, C)
-        h = F.scaled_dot_product_attention(q, k, v)  # (B, HW, C)
-        h = rearrange(h, "b (h w) c -> b c h w", h=height, w=width)  # (B, C, H, W)
+        q, k, v = (rearrange(proj(h), "b c h w -> b 1 (h w) c") for proj in (self.q, self.k, self.v))  # (B, 1, HW, C)
+        h = memory_linear_attention(q, k, v)  # (B, 1, HW, C)
+        h = rearrange(h, "b 1 (h w) c -> b c h w", h=height, w=width)  # (B, C, H, W)
         return x + self.proj_out(h)
 
 

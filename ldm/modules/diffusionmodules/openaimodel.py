@@ -241,12 +241,16 @@ class UNetModel(nn.Module):
                 y: Optional[torch.Tensor] = None) -> torch.Tensor:
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y exactly when the model is class-conditional (num_classes)")
-        t_emb = timestep_embedding(timesteps, self.model_channels).to(x.dtype)  # (B, model_channels)
+        # Inputs are cast to the weights' dtype (float16 after `model.half()`, without autocast) and the
+        # output back to the input's, so samplers keep their float32 arithmetic whatever the weights are.
+        dtype = self.time_embed[0].weight.dtype
+        t_emb = timestep_embedding(timesteps, self.model_channels).to(dtype)  # (B, model_channels)
         emb = self.time_embed(t_emb)  # (B, 4*model_channels)
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
+        context = None if context is None else context.to(dtype)
         skips = []
-        h = x
+        h = x.to(dtype)
         for block in self.input_blocks:
             h = block(h, emb, context)
             skips.append(h)
@@ -254,4 +258,4 @@ class UNetModel(nn.Module):
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             h = block(h, emb, context)
-        return self.out(h)
+        return self.out(h).to(x.dtype)

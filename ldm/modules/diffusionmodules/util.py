@@ -11,6 +11,7 @@ import math
 import numpy as np
 import torch
 import torch.nn as nn
+import torch.nn.functional as F
 import torch.utils.checkpoint
 
 
@@ -53,10 +54,16 @@ def timestep_embedding(timesteps: torch.Tensor, dim: int, max_period: int = 1000
 
 
 class GroupNorm32(nn.GroupNorm):
-    """GroupNorm computed in float32 and cast back, so fp16 activations do not lose the statistics."""
+    """GroupNorm computed in float32 and cast back, so fp16 activations do not lose the statistics.
+
+    The weights are cast too: after `model.half()` (no autocast) they are float16 and the float32
+    input would not match them.
+    """
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return super().forward(x.float()).type(x.dtype)
+        weight = None if self.weight is None else self.weight.float()
+        bias = None if self.bias is None else self.bias.float()
+        return F.group_norm(x.float(), self.num_groups, weight, bias, self.eps).to(x.dtype)
 
 
 def normalization(channels: int, num_groups: int = 32) -> nn.Module:
