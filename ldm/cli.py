@@ -120,7 +120,8 @@ def _is_float(text: str) -> bool:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--config", type=str, default=None, help=f"model config (default: {SD_CONFIG})")
-    group.add_argument("--ckpt", type=str, default=None, help=f"checkpoint, .ckpt or .safetensors (default: {SD_CKPT})")
+    group.add_argument("--ckpt", type=str, default=None, help=f"checkpoint, .ckpt or .safetensors, or a diffusers SD v1 pipeline folder "
+                                                                 f"(default: {SD_CKPT})")
     group.add_argument("--demo", action="store_true",
                        help="use the tiny demo model shipped in models/demo/ (CPU, 64 px); no download needed")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
@@ -241,8 +242,10 @@ def model_spec(opt: argparse.Namespace) -> ModelSpec:
 
 
 def check_checkpoint(opt: argparse.Namespace) -> Path:
-    """--ckpt exists and is a checkpoint by its content (safetensors or torch.save), without loading it."""
+    """--ckpt exists and is a checkpoint by its content (safetensors or torch.save) or a diffusers SD v1
+    pipeline folder, without loading it."""
     from ldm.checkpoint import checkpoint_format
+    from ldm.checkpoint.diffusers_folder import inspect_diffusers_folder, is_diffusers_folder
     ckpt = resolve_path(opt.ckpt)
     if not ckpt.exists():
         if opt.demo:
@@ -254,7 +257,10 @@ def check_checkpoint(opt: argparse.Namespace) -> Path:
             f"after accepting its license) and save them as {SD_CKPT}, or pass --ckpt PATH "
             f"(.ckpt or .safetensors). To try the project without them, run with --demo (a tiny model "
             f"that ships with the repository and runs on a CPU).")
-    checkpoint_format(ckpt)
+    if is_diffusers_folder(ckpt):
+        inspect_diffusers_folder(ckpt)  # components and weight files present; no tensor read yet
+    else:
+        checkpoint_format(ckpt)
     return ckpt
 
 
