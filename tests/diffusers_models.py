@@ -10,7 +10,7 @@ from pathlib import Path
 
 import torch
 
-from conftest import randomize_
+from tests.conftest import randomize_
 
 # configs/tiny: model_channels 32, channel_mult (1, 2, 2, 2), 2 res blocks, attention at the top 3 levels,
 # 2 heads, context 32; VAE ch 32, ch_mult (1, 1, 2, 2), 1 res block; CLIP 32 wide, 2 layers, 2 heads.

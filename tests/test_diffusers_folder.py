@@ -3,14 +3,13 @@ from __future__ import annotations
 
 import json
 import shutil
-import subprocess
-import sys
 
 import pytest
 import torch
 
-from conftest import ROOT, TINY_CONFIG
-from diffusers_models import save_tiny_pipeline
+from ldm.cli import run_cli
+from tests.conftest import TINY_CONFIG, load_script
+from tests.diffusers_models import save_tiny_pipeline
 from ldm.checkpoint import CheckpointMismatchError, CheckpointReadError, checkpoint_fingerprint, load_model_from_config
 
 
@@ -134,27 +133,33 @@ def test_an_sdxl_like_vae_scale_is_refused(saved_pipeline, tmp_path):
         load_model_from_config(TINY_CONFIG, copy, verbose=False)
 
 
-def test_txt2img_reports_a_non_pipeline_folder_in_one_line_with_status_2(saved_pipeline, tmp_path):
+def run_txt2img(capsys, *args: str) -> tuple[int, str]:
+    """scripts/txt2img.py in-process through run_cli, as its __main__ runs it: (exit status, stderr)."""
+    status = 0
+    try:
+        run_cli(load_script("txt2img").main, ["--config", str(TINY_CONFIG), "--device", "cpu", *args])
+    except SystemExit as exited:
+        status = exited.code
+    return status, capsys.readouterr().err
+
+
+def test_txt2img_reports_a_non_pipeline_folder_in_one_line_with_status_2(saved_pipeline, tmp_path, capsys):
     folder, _ = saved_pipeline
     copy = tmp_path / "broken"
     shutil.copytree(folder, copy)
     (copy / "model_index.json").write_text("{not json")
     outdir = tmp_path / "out"
-    result = subprocess.run([sys.executable, "scripts/txt2img.py", "--config", str(TINY_CONFIG), "--ckpt", str(copy),
-                             "--prompt", "a chair", "--outdir", str(outdir)],
-                            cwd=ROOT, capture_output=True, text=True)
-    assert result.returncode == 2
-    assert result.stderr.strip().count("\n") == 0
-    assert result.stderr.startswith("error: ") and "model_index.json" in result.stderr
+    status, stderr = run_txt2img(capsys, "--ckpt", str(copy), "--prompt", "a chair", "--outdir", str(outdir))
+    assert status == 2
+    assert stderr.strip().count("\n") == 0
+    assert stderr.startswith("error: ") and "model_index.json" in stderr
     assert not outdir.exists()
 
 
-def test_txt2img_generates_from_a_pipeline_folder(saved_pipeline, tmp_path):
+def test_txt2img_generates_from_a_pipeline_folder(saved_pipeline, tmp_path, capsys):
     folder, _ = saved_pipeline
     outdir = tmp_path / "out"
-    result = subprocess.run([sys.executable, "scripts/txt2img.py", "--config", str(TINY_CONFIG), "--ckpt", str(folder),
-                             "--prompt", "a chair", "--ddim_steps", "2", "--n_samples", "2", "--n_iter", "1",
-                             "--device", "cpu", "--outdir", str(outdir), "--skip_grid"],
-                            cwd=ROOT, capture_output=True, text=True, env={"OMP_NUM_THREADS": "1", "PATH": ""})
-    assert result.returncode == 0, result.stderr
+    status, stderr = run_txt2img(capsys, "--ckpt", str(folder), "--prompt", "a chair", "--ddim_steps", "2",
+                                 "--n_samples", "2", "--n_iter", "1", "--outdir", str(outdir), "--skip_grid")
+    assert status == 0, stderr
     assert len(list((outdir / "samples").glob("*.png"))) == 2
