@@ -127,8 +127,9 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help="use the tiny demo model shipped in models/demo/ (CPU, 64 px); no download needed")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
     group.add_argument("--device", type=str, default="auto", help="auto (cuda, mps, cpu), cuda, cuda:1, mps or cpu")
-    group.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
-                       help="autocast = float16 on CUDA; float32 elsewhere")
+    group.add_argument("--precision", type=str, choices=["full", "autocast", "bfloat16"], default="autocast",
+                       help="autocast = float16 on CUDA, bfloat16 on CPUs that compute it natively (AVX512-BF16, "
+                            "AMX), else float32; bfloat16 = bfloat16 autocast on any CPU and CUDA; full = float32")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = True) -> None:

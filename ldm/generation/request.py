@@ -27,7 +27,7 @@ from ldm.generation.sampling import batches, encode_steps
 from ldm.modules.shared_attention import SharedAttentionSettings, select_layers
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
-PRECISIONS = ("full", "autocast")
+PRECISIONS = ("full", "autocast", "bfloat16")
 MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit; negative ones alias large ones
 
 
@@ -55,7 +55,7 @@ class GenerationRequest:
     `prompt`: one text for every image, or a sequence with one text per image (consecutive images
     fill batches of `batch_size`; the last batch may be shorter). `height`/`width` None: the model's
     native size. `sharing` None: plain generation. `precision` "autocast": float16 on CUDA, float32
-    elsewhere; "full": float32 everywhere. `init_image`: img2img (DDIM only) from that picture, whose
+    elsewhere; "full": float32 everywhere; "bfloat16": bfloat16 autocast on the CPU and CUDA. `init_image`: img2img (DDIM only) from that picture, whose
     size must fit the model (`ldm.generation.inputs.fit_to_multiple`), keeping `1 - strength` of it.
     `mask_image` (with `init_image`, for an inpainting model): white (>= 0.5) is repainted, black kept; the
     init image's size. Strength 1 (the inpainting default) starts from pure noise with any sampler; below
