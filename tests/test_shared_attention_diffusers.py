@@ -30,6 +30,15 @@ def both(tmp_path_factory):
     return pipeline, model
 
 
+@pytest.fixture(scope="module")
+def plain(both):
+    """This project's latents without sharing, which every shared run must differ from."""
+    pipeline, model = both
+    ours, theirs = run_both(pipeline, model, None)
+    torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
+    return ours
+
+
 def run_both(pipeline, model, settings, batch: int = 3, scale: float = SCALE):
     prompts = ["a red chair", "a blue lamp", "a green vase", "a table"][:batch]
     with torch.no_grad():
@@ -61,9 +70,8 @@ def test_layers_get_this_projects_tags(both):
     SharedAttentionSettings(groups=("down.32", "16"), strength=-1.5),
     SharedAttentionSettings(mode="anchor", anchors=2, steps=(0.0, 0.5), strength=2.0),
 ], ids=["all", "anchor-up-mid", "levels-weaker", "two-anchors-window-stronger"])
-def test_processor_gives_the_latents_of_this_projects_shared_sampler(both, settings):
+def test_processor_gives_the_latents_of_this_projects_shared_sampler(both, plain, settings):
     pipeline, model = both
-    plain, _ = run_both(pipeline, model, None)
     ours, theirs = run_both(pipeline, model, settings)
     assert (ours - plain).abs().max() > 1e-3  # sharing changed the result, so the comparison means something
     torch.testing.assert_close(theirs, ours, rtol=1e-4, atol=1e-4)
