@@ -26,6 +26,12 @@ def loaded(saved_pipeline):
     return load_model_from_config(TINY_CONFIG, folder, verbose=False)
 
 
+def copy_of(folder, destination):
+    """A copy of the saved pipeline folder that a test may damage."""
+    shutil.copytree(folder, destination)
+    return destination
+
+
 def test_unet_from_a_folder_predicts_what_diffusers_predicts(saved_pipeline, loaded):
     _, pipeline = saved_pipeline
     generator = torch.Generator().manual_seed(1)
@@ -71,8 +77,7 @@ def test_folder_tensors_stay_memory_mapped_views_of_the_files(saved_pipeline):
 
 def test_bin_weights_load_through_the_safe_loader_like_safetensors(saved_pipeline, tmp_path, loaded):
     folder, _ = saved_pipeline
-    copy = tmp_path / "bin-pipeline"
-    shutil.copytree(folder, copy)
+    copy = copy_of(folder, tmp_path / "bin-pipeline")
     from safetensors.torch import load_file
     for sub, stem, bin_name in (("unet", "diffusion_pytorch_model", "diffusion_pytorch_model"),
                                 ("text_encoder", "model", "pytorch_model")):
@@ -87,8 +92,7 @@ def test_bin_weights_load_through_the_safe_loader_like_safetensors(saved_pipelin
 def test_a_bin_file_holding_code_is_refused(saved_pipeline, tmp_path):
     from ldm.checkpoint import UnsafeCheckpointError
     folder, _ = saved_pipeline
-    copy = tmp_path / "evil-pipeline"
-    shutil.copytree(folder, copy)
+    copy = copy_of(folder, tmp_path / "evil-pipeline")
     (copy / "unet" / "diffusion_pytorch_model.safetensors").unlink()
     torch.save({"weight": torch.zeros(1), "payload": print}, copy / "unet" / "diffusion_pytorch_model.bin")
     with pytest.raises(UnsafeCheckpointError, match="builtins.print"):
@@ -97,16 +101,14 @@ def test_a_bin_file_holding_code_is_refused(saved_pipeline, tmp_path):
 
 def test_folder_fingerprint_names_its_weights_not_its_path(saved_pipeline, tmp_path):
     folder, _ = saved_pipeline
-    copy = tmp_path / "renamed"
-    shutil.copytree(folder, copy)
+    copy = copy_of(folder, tmp_path / "renamed")
     assert checkpoint_fingerprint(copy) == checkpoint_fingerprint(folder)
     assert checkpoint_fingerprint(folder).startswith("folder-sha256:")
 
 
 def test_a_folder_without_an_sd_component_is_refused_by_name(saved_pipeline, tmp_path):
     folder, _ = saved_pipeline
-    copy = tmp_path / "no-vae"
-    shutil.copytree(folder, copy)
+    copy = copy_of(folder, tmp_path / "no-vae")
     index = json.loads((copy / "model_index.json").read_text())
     del index["vae"]
     (copy / "model_index.json").write_text(json.dumps(index))
@@ -116,8 +118,7 @@ def test_a_folder_without_an_sd_component_is_refused_by_name(saved_pipeline, tmp
 
 def test_a_folder_missing_its_weight_file_says_what_it_looked_for(saved_pipeline, tmp_path):
     folder, _ = saved_pipeline
-    copy = tmp_path / "no-weights"
-    shutil.copytree(folder, copy)
+    copy = copy_of(folder, tmp_path / "no-weights")
     (copy / "text_encoder" / "model.safetensors").unlink()
     with pytest.raises(CheckpointReadError, match="no text encoder weights in text_encoder/ .*model.safetensors"):
         load_model_from_config(TINY_CONFIG, copy, verbose=False)
@@ -125,8 +126,7 @@ def test_a_folder_missing_its_weight_file_says_what_it_looked_for(saved_pipeline
 
 def test_an_sdxl_like_vae_scale_is_refused(saved_pipeline, tmp_path):
     folder, _ = saved_pipeline
-    copy = tmp_path / "xl-vae"
-    shutil.copytree(folder, copy)
+    copy = copy_of(folder, tmp_path / "xl-vae")
     config = json.loads((copy / "vae" / "config.json").read_text())
     (copy / "vae" / "config.json").write_text(json.dumps({**config, "scaling_factor": 0.13025}))
     with pytest.raises(CheckpointMismatchError, match="scaling_factor 0.13025"):
@@ -145,8 +145,7 @@ def run_txt2img(capsys, *args: str) -> tuple[int, str]:
 
 def test_txt2img_reports_a_non_pipeline_folder_in_one_line_with_status_2(saved_pipeline, tmp_path, capsys):
     folder, _ = saved_pipeline
-    copy = tmp_path / "broken"
-    shutil.copytree(folder, copy)
+    copy = copy_of(folder, tmp_path / "broken")
     (copy / "model_index.json").write_text("{not json")
     outdir = tmp_path / "out"
     status, stderr = run_txt2img(capsys, "--ckpt", str(copy), "--prompt", "a chair", "--outdir", str(outdir))
