@@ -54,7 +54,8 @@ GENERATION_FLAGS = {
     "prompt": "--prompt", "prompt_file": "--from-file", "negative_prompt": "--negative-prompt", "seed": "--seed",
     "batch_size": "--n_samples", "n_iter": "--n_iter", "sampler": "--plms/--dpm_solver", "steps": "--ddim_steps",
     "scale": "--scale", "eta": "--ddim_eta", "height": "--H", "width": "--W", "init_image": "--init-img",
-    "strength": "--strength", "mask_image": "--mask", "precision": "--precision", "device": "--device", "compare": "--compare",
+    "strength": "--strength", "mask_image": "--mask", "precision": "--precision", "device": "--device",
+    "compare": "--compare",
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
     "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
@@ -121,8 +122,9 @@ def _is_float(text: str) -> bool:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--config", type=str, default=None, help=f"model config (default: {SD_CONFIG})")
-    group.add_argument("--ckpt", type=str, default=None, help=f"checkpoint, .ckpt or .safetensors, or a diffusers SD v1 pipeline folder "
-                                                                 f"(default: {SD_CKPT})")
+    group.add_argument("--ckpt", type=str, default=None,
+                       help=f"checkpoint, .ckpt or .safetensors, or a diffusers SD v1 pipeline folder "
+                            f"(default: {SD_CKPT})")
     group.add_argument("--demo", action="store_true",
                        help="use the tiny demo model shipped in models/demo/ (CPU, 64 px); no download needed")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
@@ -355,7 +357,7 @@ def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
         if init_image is None:
             raise UsageError("--mask needs --init-img, the picture to repaint")
         mask_image, mask_name = open_image(opt.mask, field="mask_image", what="mask"), Path(opt.mask).name
-        if init_image is not None and mask_image.size != opened.size:
+        if mask_image.size != opened.size:
             raise UsageError(f"--mask {opt.mask} is {mask_image.width}x{mask_image.height} but --init-img "
                              f"{opt.init_img} is {opened.width}x{opened.height}; give a mask of the picture's size")
         mask_image = mask_image.resize(init_image.size, resample=Image.Resampling.NEAREST)

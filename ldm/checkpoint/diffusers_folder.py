@@ -124,7 +124,9 @@ def load_diffusers_state_dict(path: str | os.PathLike,
         raw[component] = {}
         for file in files:
             raw[component].update(load_state_dict_file(file, device))
-    up_levels = {int(key.split(".")[1]) for key in raw["UNet"] if key.startswith("up_blocks.") and ".attentions." in key}
+    # Which up levels hold attention decides where their upsampler sits (see diffusers_keys).
+    up_levels = {int(key.split(".")[1]) for key in raw["UNet"]
+                 if key.startswith("up_blocks.") and ".attentions." in key}
     vae_levels = 1 + max((int(key.split(".")[2]) for key in raw["VAE"] if key.startswith("decoder.up_blocks.")),
                          default=-1)
     mappers["UNet"] = partial(unet_key, layers_per_block=layers, up_blocks_with_attention=up_levels)

@@ -118,7 +118,9 @@ def generate(model: LoadedModel, request: GenerationRequest,
         if request.compare:  # the same seeds first without sharing
             variants.insert(0, ("no sharing", None))
     sampler = make_sampler(request.sampler, module)
-    init_latent = None if request.starts_from_noise else encode_init_image(module, image_to_tensor(request.init_image))
+    init_latent = None
+    if not request.starts_from_noise:
+        init_latent = encode_init_image(module, image_to_tensor(request.init_image))
     concat = None
     if request.inpainting:
         concat = module.masked_image_conditioning(image_to_tensor(request.init_image).to(module.device),

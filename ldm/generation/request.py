@@ -54,9 +54,11 @@ class GenerationRequest:
 
     `prompt`: one text for every image, or a sequence with one text per image (consecutive images
     fill batches of `batch_size`; the last batch may be shorter). `height`/`width` None: the model's
-    native size. `sharing` None: plain generation. `precision` "autocast": float16 on CUDA, float32
-    elsewhere; "full": float32 everywhere; "bfloat16": bfloat16 autocast on the CPU and CUDA. `init_image`: img2img (DDIM only) from that picture, whose
-    size must fit the model (`ldm.generation.inputs.fit_to_multiple`), keeping `1 - strength` of it.
+    native size. `sharing` None: plain generation. `precision` "autocast": float16 on CUDA, bfloat16 on
+    a CPU that computes it natively, float32 elsewhere; "full": float32 everywhere; "bfloat16": bfloat16
+    autocast on the CPU and CUDA (`ldm.generation.model.autocast_dtype`). `init_image`: img2img (DDIM
+    only) from that picture, whose size must fit the model (`ldm.generation.inputs.fit_to_multiple`),
+    keeping `1 - strength` of it.
     `mask_image` (with `init_image`, for an inpainting model): white (>= 0.5) is repainted, black kept; the
     init image's size. Strength 1 (the inpainting default) starts from pure noise with any sampler; below
     1 it starts from the noised init image, as img2img does (DDIM).
