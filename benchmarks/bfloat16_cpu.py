@@ -2,6 +2,7 @@
 
     python benchmarks/bfloat16_cpu.py                   # both models, 2 threads
     python benchmarks/bfloat16_cpu.py --skip-sd-unet    # the demo model only
+    python benchmarks/bfloat16_cpu.py --skip-images --latent 16 --repeats 2   # speed only, quicker
 
 1. Speed of one UNet forward, float32 vs `torch.autocast("cpu", dtype=torch.bfloat16)`, timed alternately
    (medians): the full SD v1 UNet (random weights; batch 2 = both guidance halves of one image; 32x32
@@ -89,6 +90,7 @@ def main() -> None:
     parser.add_argument("--batches", type=int, default=2, help="demo model: batches of the 4 prompts")
     parser.add_argument("--threads", type=int, default=2)
     parser.add_argument("--skip-sd-unet", action="store_true")
+    parser.add_argument("--skip-images", action="store_true", help="speed only: no demo-model images")
     opt = parser.parse_args()
     torch.set_num_threads(opt.threads)
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads, CPU capability "
@@ -99,7 +101,8 @@ def main() -> None:
     if not opt.skip_sd_unet:
         unet_speed(f"SD v1 UNet, batch 2, {opt.latent}x{opt.latent} latents", sd_unet(), unet_inputs(2, opt.latent),
                    opt.repeats)
-    demo_images(opt.batches)
+    if not opt.skip_images:
+        demo_images(opt.batches)
 
 if __name__ == "__main__":
     main()
