@@ -26,5 +26,7 @@ setup(
         "train": ["pytorch-lightning>=2.0"],
         # DINO / CLIP feature extractors for evaluating real SD checkpoints
         "eval": ["transformers>=4.40"],
+        # batch-shared attention in a diffusers StableDiffusionPipeline (ldm/modules/shared_attention_diffusers.py)
+        "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
     },
 )

@@ -25,6 +25,7 @@ from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
 import torch
+from PIL import Image
 from tqdm import tqdm
 
 from ldm.checkpoint import checkpoint_fingerprint
@@ -54,7 +55,8 @@ GENERATION_FLAGS = {
     "prompt": "--prompt", "prompt_file": "--from-file", "negative_prompt": "--negative-prompt", "seed": "--seed",
     "batch_size": "--n_samples", "n_iter": "--n_iter", "sampler": "--plms/--dpm_solver", "steps": "--ddim_steps",
     "scale": "--scale", "eta": "--ddim_eta", "height": "--H", "width": "--W", "init_image": "--init-img",
-    "strength": "--strength", "precision": "--precision", "device": "--device", "compare": "--compare",
+    "strength": "--strength", "mask_image": "--mask", "precision": "--precision", "device": "--device",
+    "compare": "--compare",
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
     "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
@@ -123,13 +125,16 @@ def _is_float(text: str) -> bool:
 def add_model_arguments(parser: argparse.ArgumentParser) -> None:
     group = parser.add_argument_group("model")
     group.add_argument("--config", type=str, default=None, help=f"model config (default: {SD_CONFIG})")
-    group.add_argument("--ckpt", type=str, default=None, help=f"checkpoint, .ckpt or .safetensors (default: {SD_CKPT})")
+    group.add_argument("--ckpt", type=str, default=None,
+                       help=f"checkpoint, .ckpt or .safetensors, or a diffusers SD v1 pipeline folder "
+                            f"(default: {SD_CKPT})")
     group.add_argument("--demo", action="store_true",
                        help="use the tiny demo model shipped in models/demo/ (CPU, 64 px); no download needed")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
     group.add_argument("--device", type=str, default="auto", help="auto (cuda, mps, cpu), cuda, cuda:1, mps or cpu")
-    group.add_argument("--precision", type=str, choices=["full", "autocast"], default="autocast",
-                       help="autocast = float16 on CUDA; float32 elsewhere")
+    group.add_argument("--precision", type=str, choices=["full", "autocast", "bfloat16"], default="autocast",
+                       help="autocast = float16 on CUDA, bfloat16 on CPUs that compute it natively (AVX512-BF16, "
+                            "AMX), else float32; bfloat16 = bfloat16 autocast on any CPU and CUDA; full = float32")
 
 
 def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = True) -> None:
@@ -254,8 +259,10 @@ def model_spec(opt: argparse.Namespace) -> ModelSpec:
 
 
 def check_checkpoint(opt: argparse.Namespace) -> Path:
-    """--ckpt exists and is a checkpoint by its content (safetensors or torch.save), without loading it."""
+    """--ckpt exists and is a checkpoint by its content (safetensors or torch.save) or a diffusers SD v1
+    pipeline folder, without loading it."""
     from ldm.checkpoint import checkpoint_format
+    from ldm.checkpoint.diffusers_folder import inspect_diffusers_folder, is_diffusers_folder
     ckpt = resolve_path(opt.ckpt)
     if not ckpt.exists():
         if opt.demo:
@@ -267,8 +274,35 @@ def check_checkpoint(opt: argparse.Namespace) -> Path:
             f"after accepting its license) and save them as {SD_CKPT}, or pass --ckpt PATH "
             f"(.ckpt or .safetensors). To try the project without them, run with --demo (a tiny model "
             f"that ships with the repository and runs on a CPU).")
-    checkpoint_format(ckpt)
+    if is_diffusers_folder(ckpt):
+        inspect_diffusers_folder(ckpt)  # components and weight files present; no tensor read yet
+    else:
+        checkpoint_format(ckpt)
     return ckpt
+
+
+def check_unet_input(opt: argparse.Namespace, spec: ModelSpec, ckpt: Path, inpainting: bool) -> None:
+    """The checkpoint's UNet reads as many input channels as the config's (4 text-to-image, 9 inpainting),
+    and the script fits the model: refused before the load, naming which script or config fits."""
+    from ldm.checkpoint.peek import unet_input_channels
+    channels, config_channels = spec.geometry.channels, int(spec.unet.in_channels)
+    inpainting_channels = 2 * channels + 1
+    file_channels = unet_input_channels(ckpt)
+    if file_channels is not None and file_channels != config_channels:
+        kind = ("an inpainting checkpoint: use scripts/inpaint.py (config "
+                "configs/stable-diffusion/v1-inpainting-inference.yaml)" if file_channels == inpainting_channels else
+                "a text-to-image checkpoint, not an inpainting one (those read 9, e.g. sd-v1-5-inpainting): use "
+                "txt2img.py or img2img.py" if file_channels == channels and inpainting else
+                "give the --config that matches it")
+        raise UsageError(f"--ckpt {opt.ckpt}: its UNet reads {file_channels} input channels but --config "
+                         f"{opt.config} builds one reading {config_channels}; it is {kind}")
+    if not inpainting and config_channels == inpainting_channels:
+        raise UsageError(f"--config {opt.config} is an inpainting model ({config_channels} input channels): use "
+                         "scripts/inpaint.py with --init-img and --mask")
+    if inpainting and config_channels != inpainting_channels:
+        raise UsageError(f"--config {opt.config} is not an inpainting model (its UNet reads {config_channels} "
+                         f"input channels, not {inpainting_channels}); use "
+                         "configs/stable-diffusion/v1-inpainting-inference.yaml with an inpainting checkpoint")
 
 
 def print_shared_attention_help(opt: argparse.Namespace) -> None:
@@ -330,6 +364,7 @@ def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
     prompt = tuple(read_prompt_file(resolve_path(opt.from_file))) if opt.from_file else opt.prompt
     spec = model_spec(opt)
     ckpt = check_checkpoint(opt)
+    check_unet_input(opt, spec, ckpt, inpainting=getattr(opt, "mask", None) is not None)
     init_image, init_name = None, None
     if getattr(opt, "init_img", None) is not None:
         opened = open_image(opt.init_img)
@@ -337,6 +372,15 @@ def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
         if init_image.size != opened.size:
             print(f"init image {init_name}: {opened.width}x{opened.height} resized to {init_image.width}x"
                   f"{init_image.height} (a multiple of {spec.geometry.pixel_multiple})")
+    mask_image, mask_name = None, None
+    if getattr(opt, "mask", None) is not None:
+        if init_image is None:
+            raise UsageError("--mask needs --init-img, the picture to repaint")
+        mask_image, mask_name = open_image(opt.mask, field="mask_image", what="mask"), Path(opt.mask).name
+        if mask_image.size != opened.size:
+            raise UsageError(f"--mask {opt.mask} is {mask_image.width}x{mask_image.height} but --init-img "
+                             f"{opt.init_img} is {opened.width}x{opened.height}; give a mask of the picture's size")
+        mask_image = mask_image.resize(init_image.size, resample=Image.Resampling.NEAREST)
     request = GenerationRequest(
         prompt=prompt, negative_prompt=opt.negative_prompt, seed=opt.seed, batch_size=opt.n_samples,
         n_iter=opt.n_iter, fixed_code=opt.fixed_code,
@@ -345,7 +389,8 @@ def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
         init_image=init_image, init_image_name=init_name, strength=getattr(opt, "strength", 0.75),
         sharing=sharing, compare=opt.compare, precision=opt.precision,
         references=tuple(getattr(opt, "shared_attn_reference", None) or ()),
-        reference_prompt=getattr(opt, "shared_attn_reference_prompt", ""))
+        reference_prompt=getattr(opt, "shared_attn_reference_prompt", ""), mask_image=mask_image,
+        mask_image_name=mask_name)
     request.check_for(spec)
     if request.references:  # the files and their settings, before the weights load
         references = [read_reference(path) for path in request.references]

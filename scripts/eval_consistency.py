@@ -55,7 +55,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     model.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
     model.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps (torchrun: cuda:LOCAL_RANK)")
     model.add_argument("--precision", choices=["full", "autocast"], default="autocast",
-                       help="autocast = float16 on CUDA; float32 elsewhere")
+                       help="autocast = float16 on CUDA, bfloat16 on CPUs with native bfloat16, else float32")
     model.add_argument("--threads", type=int, default=1,
                        help="CPU threads; CPU results are reproducible for the same value (default 1)")
     run = parser.add_argument_group("what to generate")

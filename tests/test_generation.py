@@ -19,6 +19,7 @@ from ldm.generation import (GenerationRequest, LoadedModel, NonFiniteError, Shar
                             decode_to_images, generate, generate_latents, img2img_latents, load_model, make_sampler,
                             read_model_spec, read_png_metadata, save_result)
 from ldm.generation.generate import first_nonfinite_tensor
+from ldm.generation.model import precision_used
 from ldm.generation.sampling import encode_init_image
 from tests.conftest import ROOT, TINY_CONFIG
 
@@ -125,7 +126,8 @@ def test_metadata_records_what_reproduces_an_image(model, compared):
         ("a red chair", 8, [7, 8], ["a red chair", "a red chair"])
     assert (meta["sampler"], meta["steps"], meta["scale"], meta["eta"]) == ("ddim", 2, 3.0, 0.0)
     assert (meta["H"], meta["W"], meta["C"], meta["f"]) == (64, 64, 4, 8)
-    assert meta["precision"] == "float32"  # what ran: autocast only changes CUDA
+    # what ran: autocast changes CUDA, and only CPUs that compute bfloat16 natively
+    assert meta["precision"] == precision_used("autocast", torch.device("cpu"))
     assert meta["ckpt"] == "tiny.safetensors" and meta["ckpt_fingerprint"] == model.source["ckpt_fingerprint"]
     assert meta["ckpt_fingerprint"].startswith("sample-sha256:")
 

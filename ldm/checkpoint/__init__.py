@@ -9,7 +9,8 @@ Files are memory-mapped and their tensors assigned to a model built without weig
     model = load_model_from_config("configs/stable-diffusion/v1-inference.yaml", "sd-v1-4.ckpt")
 
 Modules: `files` (reading a file, its format by content, its fingerprint), `safe_pickle` (the allow-list), `keys` (SD v1 key conventions: CLIP
-`text_model.` level, EMA names), `loading` (into a model), `errors`.
+`text_model.` level, EMA names), `loading` (into a model), `errors`, `diffusers_folder` and `diffusers_keys`
+(a diffusers-format SD v1 pipeline folder read as one state dict in this project's names).
 """
 from ldm.checkpoint.errors import (CheckpointError, CheckpointMismatchError, CheckpointReadError,
                                    UnsafeCheckpointError)

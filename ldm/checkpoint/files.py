@@ -54,7 +54,14 @@ class LoadedCheckpoint:
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
-    """Read a checkpoint file safely: its tensors (memory-mapped where possible) and top-level metadata."""
+    """Read a checkpoint file safely: its tensors (memory-mapped where possible) and top-level metadata.
+
+    A diffusers-format SD v1 pipeline folder is read too, its weights renamed to this project's keys
+    (`ldm.checkpoint.diffusers_folder`); its metadata then names the pipeline class."""
+    from ldm.checkpoint.diffusers_folder import is_diffusers_folder, load_diffusers_state_dict
+    if is_diffusers_folder(path):
+        state_dict, folder = load_diffusers_state_dict(path, device)
+        return LoadedCheckpoint(path=os.fspath(path), state_dict=state_dict, metadata={"diffusers_folder": True})
     path = _checked_path(path)
     if checkpoint_format(path) == "safetensors":
         state_dict, metadata = _read_safetensors(path, device)
@@ -89,7 +96,11 @@ def checkpoint_fingerprint(path: str | os.PathLike) -> str:
 
     Cheap for any size (1 MiB read) and independent of the file's name, folder and dates; it identifies which
     weights were used, it is not an integrity check (two files differing only between the samples share it).
+    A diffusers pipeline folder is named by its weight files' fingerprints (`folder-sha256:...`).
     """
+    from ldm.checkpoint.diffusers_folder import folder_fingerprint, is_diffusers_folder
+    if is_diffusers_folder(path):
+        return folder_fingerprint(path, checkpoint_fingerprint)
     path = _checked_path(path)
     size = os.path.getsize(path)
     digest = hashlib.sha256(size.to_bytes(8, "little"))
@@ -112,7 +123,9 @@ def _checked_path(path: str | os.PathLike) -> str:
     if os.path.isdir(path):
         inside = sorted(name for name in os.listdir(path) if name.lower().endswith(SUPPORTED_EXTENSIONS))
         hint = f" It contains {', '.join(inside)}." if inside else ""
-        raise IsADirectoryError(f"checkpoint path {path} is a directory; pass the checkpoint file itself.{hint}")
+        raise IsADirectoryError(f"checkpoint path {path} is a directory without model_index.json, so neither a "
+                                f"checkpoint file nor a diffusers pipeline folder; pass the checkpoint file itself "
+                                f"or the pipeline folder.{hint}")
     if not os.path.exists(path):
         raise FileNotFoundError(
             f"checkpoint {path} does not exist; check the path (SD v1 weights are e.g. "

@@ -29,7 +29,7 @@ EMA_BOOKKEEPING = ("model_ema.decay", "model_ema.num_updates")
 CLIP_PREFIX = "cond_stage_model.transformer."
 CLIP_TEXT_LEVEL = "text_model."
 # The children of CLIPTextTransformer; only keys under these gain the `text_model.` level.
-_CLIP_TEXT_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
+CLIP_TEXT_CHILDREN = ("embeddings.", "encoder.", "final_layer_norm.")
 
 
 def summarize_keys(keys: Iterable[str], limit: int = 5) -> str:
@@ -50,7 +50,7 @@ def remap_checkpoint_keys(state_dict: Mapping[str, torch.Tensor]) -> dict[str, t
     for key, tensor in state_dict.items():
         new_key = key
         rest = key[len(CLIP_PREFIX):]
-        if key.startswith(CLIP_PREFIX) and rest.startswith(_CLIP_TEXT_CHILDREN):
+        if key.startswith(CLIP_PREFIX) and rest.startswith(CLIP_TEXT_CHILDREN):
             new_key = CLIP_PREFIX + CLIP_TEXT_LEVEL + rest
             if new_key in state_dict:
                 raise CheckpointMismatchError(

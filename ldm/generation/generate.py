@@ -10,10 +10,14 @@ then, or arithmetic that overflowed). Nothing is written to disk here (`ldm.gene
 Metadata: every image gets a JSON-ready dict with everything that reproduces it (prompt and its
 batch's prompts, seed and batch seeds, sampler, steps, scale, eta, size, latent C and f, the precision
 actually computed in, shared-attention settings, and the model's source: config, checkpoint name and
-content fingerprint, EMA); img2img adds strength, encode steps and the init image's name.
+content fingerprint, EMA); img2img adds strength, encode steps and the init image's name, inpainting
+also the mask's name.
 
 References (`request.references`, ldm/generation/reference.py): recorded once before the first batch
 and offered to every shared batch; with `compare` their images are the first row.
+
+Inpainting (a request with a mask, an inpainting model): the mask and the masked picture's latents are
+computed once per run (`masked_image_conditioning`) and enter every UNet call beside the latents.
 """
 from __future__ import annotations
 
@@ -26,7 +30,7 @@ from typing import Any, Callable, Optional
 import torch
 from PIL import Image
 
-from ldm.generation.images import image_grid, image_to_tensor, tensor_to_images
+from ldm.generation.images import image_grid, image_to_tensor, mask_to_tensor, tensor_to_images
 from ldm.generation.model import LoadedModel, precision_scope, precision_used
 from ldm.generation.request import Batch, GenerationRequest
 from ldm.generation.sampling import (decode_latents, encode_init_image, generate_latents, img2img_latents,
@@ -114,7 +118,13 @@ def generate(model: LoadedModel, request: GenerationRequest,
         if request.compare:  # the same seeds first without sharing
             variants.insert(0, ("no sharing", None))
     sampler = make_sampler(request.sampler, module)
-    init_latent = encode_init_image(module, image_to_tensor(request.init_image)) if request.img2img else None
+    init_latent = None
+    if not request.starts_from_noise:
+        init_latent = encode_init_image(module, image_to_tensor(request.init_image))
+    concat = None
+    if request.inpainting:
+        concat = module.masked_image_conditioning(image_to_tensor(request.init_image).to(module.device),
+                                                  mask_to_tensor(request.mask_image).to(module.device))
     plan = request.batches()
     out: list[BatchImages] = []
     with precision_scope(request.precision, model.device):
@@ -123,7 +133,7 @@ def generate(model: LoadedModel, request: GenerationRequest,
             for label, sharing in variants:
                 callback = _step_reporter(progress, len(out), len(plan) * len(variants), request.denoising_steps)
                 latents = _sample(model, request, sampler, batch, sharing, init_latent, callback,
-                                  anchors if sharing is not None else None)
+                                  anchors if sharing is not None else None, concat)
                 out.append(_decoded(model, request, batch, label, sharing, latents, run))
     grid_metadata = {**run, "prompts": list(request.prompts), "first_seed": request.seed,
                      "compare": request.compare}
@@ -143,15 +153,19 @@ def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, wi
         values.update(references=[Path(path).name for path in r.references], reference_prompt=r.reference_prompt)
     if r.img2img:
         values.update(strength=r.strength, encode_steps=r.denoising_steps, init_image=r.init_image_name)
+    if r.inpainting:
+        values.update(mask_image=r.mask_image_name)
     return json.loads(json.dumps(values, default=str))
 
 
 def _sample(model: LoadedModel, request: GenerationRequest, sampler: Any, batch: Batch,
             sharing: Optional[SharedAttentionSettings], init_latent: Optional[torch.Tensor],
-            callback: Optional[Callable[[int], None]], anchors: Optional[RecordedAnchors] = None) -> torch.Tensor:
-    """One batch's latents (B, C, h, w): txt2img from each seed's noise, or img2img from `init_latent`."""
+            callback: Optional[Callable[[int], None]], anchors: Optional[RecordedAnchors] = None,
+            concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """One batch's latents (B, C, h, w): from each seed's noise, or img2img from `init_latent`; `concat` is
+    the inpainting model's mask and masked-image latents (1, 1 + C, h, w)."""
     common = dict(scale=request.scale, eta=request.eta, negative_prompt=request.negative_prompt, sharing=sharing,
-                  callback=callback)
+                  callback=callback, concat=concat)
     if init_latent is None:
         shape = model.geometry.latent_shape(*request.size_for(model.geometry))
         return generate_latents(model.module, sampler, batch.prompts, batch.seeds, shape=shape, steps=request.steps,

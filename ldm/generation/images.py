@@ -31,6 +31,12 @@ def image_to_tensor(image: Image.Image) -> torch.Tensor:
     return array.permute(2, 0, 1)[None].contiguous()  # (1, 3, H, W)
 
 
+def mask_to_tensor(mask: Image.Image) -> torch.Tensor:
+    """A mask picture -> (1, 1, H, W) in [0, 1] from its grey levels (white 1 = repaint, black 0 = keep)."""
+    grey = torch.from_numpy(np.asarray(mask.convert("L"), dtype=np.float32) / 255.0)  # (H, W)
+    return grey[None, None]
+
+
 def label_font() -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """Pillow's built-in font at a readable size. At its default 10 px a space is 2 px wide and
     "no sharing" reads "nosharing"; Pillow before 10.1 (no size argument) keeps its bitmap font."""

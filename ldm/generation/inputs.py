@@ -35,15 +35,17 @@ def read_prompt_file(path: str | os.PathLike) -> list[str]:
     return prompts
 
 
-def open_image(path: str | os.PathLike) -> Image.Image:
-    """An image file as RGB, its EXIF rotation applied."""
+def open_image(path: str | os.PathLike, field: str = "init_image", what: str = "init image") -> Image.Image:
+    """An image file as RGB, its EXIF rotation applied; errors name the setting `field` (`what` in prose)."""
     path = Path(path)
-    _existing_file(path, "init image", "the picture to start from (PNG, JPEG, ...)")
+    hint = "the picture to start from (PNG, JPEG, ...)" if field == "init_image" else \
+        "a picture (PNG, JPEG, ...), white where to repaint"
+    _existing_file(path, what, hint)
     try:
         with Image.open(path) as opened:
             return ImageOps.exif_transpose(opened).convert("RGB")
     except (UnidentifiedImageError, OSError) as error:
-        raise InvalidValue("init_image", path, f"is not an image this program can read ({error}); "
+        raise InvalidValue(field, path, f"is not an image this program can read ({error}); "
                                                "use PNG or JPEG") from None
 
 

@@ -187,7 +187,8 @@ def load_model(config: str | os.PathLike | ModelSpec, ckpt: str | os.PathLike, *
     device = choose_device(device) if isinstance(device, str) else device
     module = ldm.checkpoint.load_model_from_config(spec.config, ckpt, use_ema=use_ema, device=device,
                                                    verbose=verbose)
-    # Weights run in float32 (a no-op for fp32 files); precision "autocast" gives float16 on CUDA.
+    # Weights run in float32 (a no-op for fp32 files); precision "autocast" gives float16 on CUDA
+    # (and bfloat16 on CPUs that compute it natively), see `autocast_dtype`.
     module = module.float()
     source = {"config": display_path(spec.config_path), "ckpt": Path(ckpt).name,
               "ckpt_fingerprint": ldm.checkpoint.checkpoint_fingerprint(ckpt), "use_ema": use_ema}
@@ -224,15 +225,38 @@ def choose_device(name: str = "auto") -> torch.device:
 
 
 def precision_scope(precision: str, device: torch.device):
-    """'autocast' runs CUDA in float16 (as CompVis does); the CPU and MPS stay in float32."""
+    """The autocast context a run computes in (see `autocast_dtype`); GroupNorm and the attention softmax
+    still compute in float32 inside it."""
+    dtype = autocast_dtype(precision, device)
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
+def cpu_has_native_bfloat16() -> bool:
+    """Whether the CPU computes bfloat16 in hardware (AVX512-BF16 or AMX). Without it torch runs bfloat16
+    convolutions through generic kernels, several times slower than float32 (benchmarks/RESULTS.md)."""
+    checks = [getattr(torch.cpu, name, None) for name in ("_is_avx512_bf16_supported", "_is_amx_tile_supported")]
+    return any(check() for check in checks if check is not None)
+
+
+def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
+    """None (plain float32) or the autocast dtype of `precision` on `device`:
+    - "autocast": float16 on CUDA (as CompVis); bfloat16 on a CPU that computes it in hardware, where it
+      is faster and changes the demo model's images by under a level on average; float32 elsewhere (on
+      other CPUs bfloat16 is slower, and MPS gains nothing measured here).
+    - "bfloat16": bfloat16 on the CPU (any) and CUDA; "full": float32 everywhere."""
     if precision == "autocast" and device.type == "cuda":
-        return torch.autocast("cuda", dtype=torch.float16)
-    return contextlib.nullcontext()
+        return torch.float16
+    if precision == "autocast" and device.type == "cpu" and cpu_has_native_bfloat16():
+        return torch.bfloat16
+    if precision == "bfloat16" and device.type in ("cpu", "cuda"):
+        return torch.bfloat16
+    return None
 
 
 def precision_used(precision: str, device: torch.device, weights_dtype: torch.dtype = torch.float32) -> str:
-    """What a run actually computes in: 'float16 autocast' (CUDA only), else the weights' dtype: 'float32',
-    or 'float16' / 'bfloat16' for a model cast without autocast."""
-    if precision == "autocast" and device.type == "cuda":
-        return "float16 autocast"
+    """What a run actually computes in: 'float16 autocast' or 'bfloat16 autocast' (see `autocast_dtype`),
+    else the weights' dtype: 'float32', or 'float16' / 'bfloat16' for a model cast without autocast."""
+    dtype = autocast_dtype(precision, device)
+    if dtype is not None:
+        return f"{str(dtype).removeprefix('torch.')} autocast"
     return str(weights_dtype).removeprefix("torch.")

@@ -28,7 +28,7 @@ from ldm.modules.shared_attention import SharedAttentionSettings, select_layers
 from ldm.modules.subject_masks import check_prompts_name_subject
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
-PRECISIONS = ("full", "autocast")
+PRECISIONS = ("full", "autocast", "bfloat16")
 MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit; negative ones alias large ones
 
 
@@ -55,9 +55,14 @@ class GenerationRequest:
 
     `prompt`: one text for every image, or a sequence with one text per image (consecutive images
     fill batches of `batch_size`; the last batch may be shorter). `height`/`width` None: the model's
-    native size. `sharing` None: plain generation. `precision` "autocast": float16 on CUDA, float32
-    elsewhere; "full": float32 everywhere. `init_image`: img2img (DDIM only) from that picture, whose
-    size must fit the model (`ldm.generation.inputs.fit_to_multiple`), keeping `1 - strength` of it.
+    native size. `sharing` None: plain generation. `precision` "autocast": float16 on CUDA, bfloat16 on
+    a CPU that computes it natively, float32 elsewhere; "full": float32 everywhere; "bfloat16": bfloat16
+    autocast on the CPU and CUDA (`ldm.generation.model.autocast_dtype`). `init_image`: img2img (DDIM
+    only) from that picture, whose size must fit the model (`ldm.generation.inputs.fit_to_multiple`),
+    keeping `1 - strength` of it.
+    `mask_image` (with `init_image`, for an inpainting model): white (>= 0.5) is repainted, black kept; the
+    init image's size. Strength 1 (the inpainting default) starts from pure noise with any sampler; below
+    1 it starts from the noised init image, as img2img does (DDIM).
     """
 
     prompt: Union[str, tuple[str, ...]]
@@ -80,6 +85,8 @@ class GenerationRequest:
     precision: str = "autocast"
     references: tuple[str, ...] = ()  # images that anchor every batch (ldm/generation/reference.py)
     reference_prompt: str = ""  # what a reference picture (not a generated PNG) is inverted with
+    mask_image: Optional[Image.Image] = field(default=None, compare=False, repr=False)
+    mask_image_name: Optional[str] = None  # recorded in the metadata
 
     def __post_init__(self) -> None:
         if not isinstance(self.prompt, str):
@@ -93,6 +100,15 @@ class GenerationRequest:
     @property
     def img2img(self) -> bool:
         return self.init_image is not None
+
+    @property
+    def inpainting(self) -> bool:
+        return self.mask_image is not None
+
+    @property
+    def starts_from_noise(self) -> bool:
+        """Sampling starts from each seed's pure noise: txt2img, and inpainting at strength 1."""
+        return not self.img2img or (self.inpainting and self.strength == 1.0)
 
     @property
     def prompts(self) -> tuple[str, ...]:
@@ -143,6 +159,7 @@ class GenerationRequest:
                 raise
             raise InvalidValue(field_name, f"{width}x{height}", error.problem + " (resize it with "
                                                                 "fit_to_multiple)") from None
+        _check_input_channels(self, model)
         if self.steps > model.num_timesteps:
             raise InvalidValue("steps", self.steps, f"must be between 1 and {model.num_timesteps}, the "
                                                     "model's training timesteps")
@@ -183,6 +200,8 @@ def _check_values(request: GenerationRequest) -> None:
             raise InvalidValue(name, value, "must be a positive whole number of pixels")
     if r.img2img:
         _check_img2img(r)
+    elif r.inpainting:
+        raise InvalidValue("init_image", None, "inpainting needs the picture to paint into besides the mask")
     _check_sharing(r)
     if r.references:
         _check_references(r)
@@ -204,16 +223,39 @@ def _check_references(r: GenerationRequest) -> None:
                                                  "model call per step: use DDIM")
 
 
+def _check_input_channels(r: GenerationRequest, model: ModelDescription) -> None:
+    """An inpainting UNet reads latents, mask and masked-image latents (2C + 1 channels); others read C."""
+    channels, unet_channels = model.geometry.channels, int(model.unet.in_channels)
+    if r.inpainting and unet_channels != 2 * channels + 1:
+        raise InvalidValue("mask_image", r.mask_image_name or "given",
+                           f"inpainting needs an inpainting model, whose UNet reads {2 * channels + 1} input "
+                           f"channels (latents, mask, masked image); this model's reads {unet_channels}")
+    if not r.inpainting and unet_channels != channels:
+        raise InvalidValue("mask_image", None, f"this is an inpainting model (its UNet reads {unet_channels} "
+                                               f"input channels, not {channels}): give an init image and a mask")
+
+
 def _check_img2img(r: GenerationRequest) -> None:
     if not isinstance(r.init_image, Image.Image):
         raise InvalidValue("init_image", type(r.init_image).__name__, "must be a PIL image")
-    if r.sampler != "ddim":
-        raise InvalidValue("sampler", r.sampler, "image-to-image samples with DDIM only")
+    if r.inpainting:
+        _check_mask(r)
+    if r.sampler != "ddim" and not r.starts_from_noise:
+        raise InvalidValue("sampler", r.sampler, "image-to-image samples with DDIM only"
+                           + (" (inpainting below strength 1 too)" if r.inpainting else ""))
     for name, side in (("height", r.init_image.height), ("width", r.init_image.width)):
         if getattr(r, name) not in (None, side):
             raise InvalidValue(name, getattr(r, name), f"image-to-image keeps the init image's size ({side})")
     if not 0.0 <= r.strength <= 1.0:
         raise InvalidValue("strength", r.strength, "must be between 0 (keep the init image) and 1 (ignore it)")
+
+
+def _check_mask(r: GenerationRequest) -> None:
+    if not isinstance(r.mask_image, Image.Image):
+        raise InvalidValue("mask_image", type(r.mask_image).__name__, "must be a PIL image")
+    if r.mask_image.size != r.init_image.size:
+        raise InvalidValue("mask_image", f"{r.mask_image.width}x{r.mask_image.height}",
+                           f"the mask must have the init image's size, {r.init_image.width}x{r.init_image.height}")
 
 
 def _check_sharing(r: GenerationRequest) -> None:

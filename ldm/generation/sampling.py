@@ -59,13 +59,23 @@ def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings], promp
             yield
 
 
-def conditionings(model: Any, prompts: Sequence[str], negative_prompt: str, scale: float) -> tuple[Any, Any]:
-    """(conditional, unconditional) text conditionings; no unconditional one when scale == 1 (no guidance)."""
+def conditionings(model: Any, prompts: Sequence[str], negative_prompt: str, scale: float,
+                  concat: Optional[torch.Tensor] = None) -> tuple[Any, Any]:
+    """(conditional, unconditional) text conditionings; no unconditional one when scale == 1 (no guidance).
+
+    With `concat` (1, K, h, w), the inpainting model's mask and masked-image latents, both become hybrid
+    conditionings {"c_concat": [(B, K, h, w)], "c_crossattn": [(B, 77, D)]}: the same concat for both halves."""
     conditioning = model.get_learned_conditioning(list(prompts))
     unconditional = None
     if scale != 1.0:
         unconditional = model.get_learned_conditioning([negative_prompt] * len(prompts))
-    return conditioning, unconditional
+    if concat is None:
+        return conditioning, unconditional
+    concat = concat.to(model.device).expand(len(prompts), -1, -1, -1)  # (1, K, h, w) -> (B, K, h, w)
+
+    def hybrid(text: Any) -> Any:
+        return None if text is None else {"c_concat": [concat], "c_crossattn": [text]}
+    return hybrid(conditioning), hybrid(unconditional)
 
 
 def _check_one_seed_per_prompt(prompts: Sequence[str], seeds: Sequence[int]) -> None:
@@ -78,11 +88,13 @@ def generate_latents(model: Any, sampler: Any, prompts: Sequence[str], seeds: Se
                      shape: Sequence[int], steps: int, scale: float, eta: float = 0.0,
                      negative_prompt: str = "", sharing: Optional[SharedAttentionSettings] = None,
                      x_T: Optional[torch.Tensor] = None, callback: StepCallback = None,
-                     verbose: bool = False, reference: Optional[RecordedAnchors] = None) -> torch.Tensor:
+                     verbose: bool = False, reference: Optional[RecordedAnchors] = None,
+                     concat: Optional[torch.Tensor] = None) -> torch.Tensor:
     """Sample one batch: latents (B, C, H/f, W/f) for `prompts`, image i starting from seeds[i]'s noise.
-    `reference`: anchors recorded elsewhere that every image also attends to (see `sharing_scope`)."""
+    `reference`: anchors recorded elsewhere that every image also attends to (see `sharing_scope`).
+    `concat`: the inpainting model's extra input (see `conditionings`)."""
     _check_one_seed_per_prompt(prompts, seeds)
-    conditioning, unconditional = conditionings(model, prompts, negative_prompt, scale)
+    conditioning, unconditional = conditionings(model, prompts, negative_prompt, scale, concat)
     generators = seeded_generators(seeds)
     if x_T is None:
         x_T = draw_noise((len(seeds), *shape), generators, model.device)  # (B, C, H, W)
@@ -115,17 +127,19 @@ def encode_init_image(model: Any, image: torch.Tensor) -> torch.Tensor:
 def img2img_latents(model: Any, sampler: DDIMSampler, init_latent: torch.Tensor, prompts: Sequence[str],
                     seeds: Sequence[int], *, steps: int, strength: float, scale: float, eta: float = 0.0,
                     negative_prompt: str = "", sharing: Optional[SharedAttentionSettings] = None,
-                    callback: StepCallback = None, verbose: bool = False) -> torch.Tensor:
+                    callback: StepCallback = None, verbose: bool = False,
+                    concat: Optional[torch.Tensor] = None) -> torch.Tensor:
     """SDEdit-style img2img (Meng et al., arXiv:2108.01073) with DDIM: noise the init latent
     (1, C, h, w) to the level of step `encode_steps(strength, steps)` with each seed's noise, then
     denoise that many steps. Returns latents (B, C, h, w). Strength 1 starts from (almost) pure noise;
-    with no step to run (strength 0) the init latent is returned as it is, not noised to the final level."""
+    with no step to run (strength 0) the init latent is returned as it is, not noised to the final level.
+    `concat`: the inpainting model's extra input (see `conditionings`)."""
     _check_one_seed_per_prompt(prompts, seeds)
     t_enc = encode_steps(strength, steps)
     x0 = init_latent.to(model.device).expand(len(seeds), -1, -1, -1)  # (1, C, h, w) -> (B, C, h, w)
     if t_enc == 0:
         return x0.clone()
-    conditioning, unconditional = conditionings(model, prompts, negative_prompt, scale)
+    conditioning, unconditional = conditionings(model, prompts, negative_prompt, scale, concat)
     sampler.make_schedule(steps, ddim_eta=eta, verbose=False)
     generators = seeded_generators(seeds)
     noise = draw_noise(tuple(x0.shape), generators, model.device)  # (B, C, h, w)

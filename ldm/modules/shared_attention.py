@@ -282,18 +282,22 @@ def tagged_layers(model: nn.Module) -> list[tuple[str, CrossAttention]]:
 
 
 def valid_group_names(model: nn.Module) -> list[str]:
-    tags = list(dict.fromkeys(m.tag for _, m in tagged_layers(model)))
+    return group_names_of_tags([m.tag for _, m in tagged_layers(model)])
+
+
+def group_names_of_tags(tags: Sequence[str]) -> list[str]:
+    """Every group name that selects some of these layer tags: all, the paths, the tags, the levels."""
+    tags = list(dict.fromkeys(tags))
     paths = [p for p in PATHS if any(t.startswith(p + ".") for t in tags)]
     levels = sorted({t.split(".")[1] for t in tags}, key=int, reverse=True)
     return ["all", *paths, *tags, *levels]
 
 
-def select_layers(model: nn.Module, groups: Sequence[str]) -> list[tuple[str, CrossAttention]]:
-    """The tagged self-attention layers the group names select; an unknown name is an error."""
-    layers = tagged_layers(model)
-    if not layers:
+def selected_tags(tags: Sequence[str], groups: Sequence[str]) -> list[bool]:
+    """For each tag, whether the group names select it; an unknown name is an error."""
+    if not tags:
         raise ValueError("this model has no tagged self-attention layers; build it with UNetModel")
-    valid = valid_group_names(model)
+    valid = group_names_of_tags(tags)
     unknown = [g for g in groups if g not in valid]
     if unknown:
         raise ValueError(f"unknown shared-attention group(s) {', '.join(map(repr, unknown))}; "
@@ -303,7 +307,14 @@ def select_layers(model: nn.Module, groups: Sequence[str]) -> list[tuple[str, Cr
         path, level = tag.split(".")
         return any(g in ("all", path, tag, level) for g in groups)
 
-    return [(name, layer) for name, layer in layers if selected(layer.tag)]
+    return [selected(tag) for tag in tags]
+
+
+def select_layers(model: nn.Module, groups: Sequence[str]) -> list[tuple[str, CrossAttention]]:
+    """The tagged self-attention layers the group names select; an unknown name is an error."""
+    layers = tagged_layers(model)
+    chosen = selected_tags([layer.tag for _, layer in layers], groups)
+    return [(name, layer) for (name, layer), keep in zip(layers, chosen) if keep]
 
 
 def describe_layers(model: nn.Module) -> str:

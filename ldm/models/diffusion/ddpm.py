@@ -368,3 +368,12 @@ class LatentDiffusion(DDPM):
         if self.cond_stage_trainable:
             params += list(self.cond_stage_model.parameters())
         return params
+
+
+def __getattr__(name: str) -> Any:
+    # The published inpainting config names `ldm.models.diffusion.ddpm.LatentInpaintDiffusion`; the class
+    # lives in its own module (imported lazily, since it builds on this one).
+    if name == "LatentInpaintDiffusion":
+        from ldm.models.diffusion.inpainting import LatentInpaintDiffusion
+        return LatentInpaintDiffusion
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
