@@ -26,7 +26,7 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 from ldm.cli import (ArgumentParser, UsageError, add_model_arguments, add_output_arguments,  # noqa: E402
-                     add_sampling_arguments, add_shared_attention_arguments, apply_model_defaults,
+                     add_sampling_arguments, add_shared_attention_arguments, apply_model_defaults, check_prompt_given,
                      prepare_generation, print_shared_attention_help, run_cli, run_generation)
 
 INPAINT_CONFIG = "configs/stable-diffusion/v1-inpainting-inference.yaml"
@@ -51,8 +51,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     if opt.demo:
         raise UsageError("--demo: the demo model is a text-to-image model and cannot inpaint; give --ckpt with an "
                          "inpainting checkpoint (sd-v1-5-inpainting)")
-    if opt.prompt is None and not opt.from_file:  # `--prompt` given without a value
-        raise UsageError("--prompt needs a text, e.g. --prompt \"a red armchair\" (or use --from-file)")
+    check_prompt_given(opt, example="a red armchair")
     apply_model_defaults(opt, sd_defaults=dict(config=INPAINT_CONFIG, ckpt=INPAINT_CKPT))
     return opt
 
