@@ -69,7 +69,9 @@ def test_layers_get_this_projects_tags(both):
     SharedAttentionSettings(groups=("up", "mid"), mode="anchor", anchors=1),
     SharedAttentionSettings(groups=("down.32", "16"), strength=-1.5),
     SharedAttentionSettings(mode="anchor", anchors=2, steps=(0.0, 0.5), strength=2.0),
-], ids=["all", "anchor-up-mid", "levels-weaker", "two-anchors-window-stronger"])
+    SharedAttentionSettings(groups=("up",), adain=True),
+    SharedAttentionSettings(groups=("up",), mode="others"),
+], ids=["all", "anchor-up-mid", "levels-weaker", "two-anchors-window-stronger", "adain-up", "others-up"])
 def test_processor_gives_the_latents_of_this_projects_shared_sampler(both, plain, settings):
     pipeline, model = both
     ours, theirs = run_both(pipeline, model, settings)
@@ -97,3 +99,16 @@ def test_an_unknown_group_is_refused_with_the_valid_names(both):
     pipeline, _ = both
     with pytest.raises(ValueError, match="unknown shared-attention group.*'up.128'.*valid names: all, down"):
         DiffusersSharedAttention(pipeline, SharedAttentionSettings(groups=("up.128",)))
+
+
+@pytest.mark.parametrize("settings, field", [
+    (SharedAttentionSettings(groups=("up",), subject=("chair",)), "subject"),
+    (SharedAttentionSettings(groups=("up",), dropout=0.5), "dropout"),
+    (SharedAttentionSettings(groups=("up",), mode="pooled"), "mode"),
+], ids=["subject", "dropout", "pooled"])
+def test_options_the_processor_does_not_offer_yet_are_refused_by_name(both, settings, field):
+    from ldm.errors import InvalidValue
+    pipeline, _ = both
+    with pytest.raises(InvalidValue) as error:
+        DiffusersSharedAttention(pipeline, settings)
+    assert error.value.field == field

@@ -31,6 +31,7 @@ from typing import Any, Optional
 import torch
 from einops import rearrange
 
+from ldm.errors import InvalidValue
 from ldm.modules.diffusionmodules.openaimodel import TAG_BASE_RESOLUTION
 from ldm.modules.shared_attention import BatchLayout, SharedAttention, SharedAttentionSettings, selected_tags
 
@@ -92,7 +93,18 @@ class DiffusersSharedAttention(SharedAttention):
     on the selected layers, leaving restores the pipeline's own."""
 
     def __init__(self, pipeline: Any, settings: SharedAttentionSettings) -> None:
+        # Subject masks read this project's cross-attention layers and pooling needs the token grid
+        # of this project's transformer blocks; neither is wired into diffusers' processors yet.
+        if settings.subject:
+            raise InvalidValue("subject", ",".join(settings.subject), "subject masks are not available in the "
+                               "diffusers processor yet; use this project's pipeline (ldm.generation)")
+        if settings.mode == "pooled" or settings.dropout:
+            field, value = ("mode", "pooled") if settings.mode == "pooled" else ("dropout", settings.dropout)
+            raise InvalidValue(field, value, "is not available in the diffusers processor yet; use this "
+                               "project's pipeline (ldm.generation)")
         self.settings = settings
+        # the state SharedAttention.attend reads, for the options this controller offers
+        self.masks, self.reference, self.grid, self.latent_grid, self._generator = None, None, None, None, None
         self.pipeline = pipeline
         self.unet = pipeline.unet
         tags = diffusers_layer_tags(self.unet)
