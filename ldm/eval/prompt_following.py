@@ -45,8 +45,9 @@ HELD_OUT_SEED = 1000
 MENTION_PROB = 0.5  # as in training (configs/demo/v2/demo-train.yaml)
 NOISE_STRIDE = 1_000_000  # caption i of data seed s starts from noise seed s * NOISE_STRIDE + i
 # 800 captions of seed 1000 name every attribute at least 74 times (faces are 1 subject in 5 and each
-# face attribute is named half the time); about 10 min per scale on one thread for the 64 px demo
-# model (0.74 s per image without sharing on the idle machine, ANSWERS.md).
+# face attribute is named half the time); 10-19 min per scale on one thread for the 64 px demo model
+# (v1's, the same UNet: 0.74 s per image on the idle machine, ANSWERS.md; 1.43 s of CPU time per image
+# measured under load, configs/demo/v2/README.md).
 DEFAULT_PROMPT_COUNT = 800
 DEFAULT_SCALES = (2.0, 3.0, 5.0, 7.5)
 TARGET_ATTRIBUTES: tuple[str, ...] = ("colour", "pattern", "wall", "floor", *FACE_ATTRIBUTES)
