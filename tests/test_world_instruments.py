@@ -1,7 +1,9 @@
-"""The world v2 instruments (ldm/eval/scene_classifier.py, segmenter.py) and their training script, on tiny data.
+"""The world v2 instruments (ldm/eval/scene_classifier.py, segmenter.py) and their training script.
 
-These check that the code trains and predicts the right things; the accuracy targets of issue 12
-(>= 0.95 per attribute, IoU >= 0.9) belong to the full training run, which is not part of the suite.
+Most tests check on tiny data that the code trains and predicts the right things. The last section
+measures the SHIPPED files (models/demo/v2) on freshly rendered held-out scenes against issue 12's
+targets (attribute accuracy >= 0.95 each, mask IoU >= 0.9); a missing file fails there, it is never
+skipped.
 """
 from __future__ import annotations
 
@@ -12,6 +14,8 @@ import torch
 from omegaconf import OmegaConf
 
 from ldm.data.world import APPLIES_TO, VOCABULARY
+from ldm.eval.degrade import to_model_range
+from ldm.eval.instruments import load_world_instruments
 from ldm.eval.scene_classifier import (IGNORE, SceneClassifier, SceneClassifierConfig, label_targets,
                                        load_scene_classifier)
 from ldm.eval.segmenter import SegmenterConfig, SubjectSegmenter, load_segmenter, mask_iou
@@ -141,3 +145,52 @@ def test_shipped_recipe_config_builds_both_instruments():
     from ldm.util import instantiate_from_config
     assert SceneClassifier(instantiate_from_config(config.classifier)).config.final_side == 2
     SubjectSegmenter(instantiate_from_config(config.segmenter))
+
+
+# ----------------------------------------------------------------------------- the shipped instruments
+
+SHIPPED = ROOT / "models" / "demo" / "v2"
+# Data seed 5 is held out: the instruments trained on seed 0 and were validated on seed 1
+# (configs/demo/v2/instruments.yaml), and no stage of the v2 recipe uses it (seeds 0-3 and 99).
+HELD_OUT_SEED, HELD_OUT_COUNT = 5, 500  # about 100 faces and 400 pieces of furniture
+ACCURACY_TARGET, IOU_TARGET = 0.95, 0.9
+
+
+@pytest.fixture(scope="module")
+def shipped():
+    """The shipped instrument pair, loaded as the harness loads it (format and vocabulary checked)."""
+    files = [SHIPPED / "scene_classifier.safetensors", SHIPPED / "segmenter.safetensors"]
+    missing = [str(path) for path in files if not path.is_file()]
+    if missing:
+        pytest.fail(f"missing {', '.join(missing)}: train them with scripts/train_world_instruments.py "
+                    "(configs/demo/v2/README.md, step 4)")
+    return load_world_instruments(*files, torch.device("cpu"))
+
+
+@pytest.fixture(scope="module")
+def held_out():
+    return script.render_world_set(HELD_OUT_COUNT, seed=HELD_OUT_SEED)
+
+
+def test_shipped_classifier_reads_every_attribute_of_held_out_renders(shipped, held_out):
+    """Clean renders only: the issue states the target on renders; the degraded figures (renders
+    degraded like a small diffusion model's output) are in instruments.json, written by the training run."""
+    predicted = {name: [] for name in VOCABULARY}
+    for start in range(0, HELD_OUT_COUNT, 100):
+        for name, labels in shipped.classifier.predict(to_model_range(held_out["images"][start:start + 100])).items():
+            predicted[name] += labels
+    accuracy = {}
+    for name, values in VOCABULARY.items():
+        truth = held_out["labels"][name].tolist()
+        judged = [predicted[name][i] == values[t] for i, t in enumerate(truth) if t != IGNORE]
+        accuracy[name] = sum(judged) / len(judged)
+    low = {name: round(value, 3) for name, value in accuracy.items() if value < ACCURACY_TARGET}
+    assert not low, f"below {ACCURACY_TARGET} on {HELD_OUT_COUNT} renders of data seed {HELD_OUT_SEED}: {low}"
+
+
+def test_shipped_segmenter_finds_the_subject_of_held_out_renders(shipped, held_out):
+    """Mean IoU with the renderer's masks, clean renders (as the classifier test above)."""
+    ious = [mask_iou(shipped.segmenter.predict(to_model_range(held_out["images"][start:start + 100])),
+                     held_out["masks"][start:start + 100]) for start in range(0, HELD_OUT_COUNT, 100)]
+    mean_iou = float(torch.cat(ious).mean())
+    assert mean_iou >= IOU_TARGET, f"mean mask IoU {mean_iou:.3f} on renders of data seed {HELD_OUT_SEED}"

@@ -86,18 +86,20 @@ class EvalRequest:
     segmenter_path: Optional[Path] = None
 
 
-def check_results_folder(outdir: Optional[Path]) -> None:
-    """Refuse an `outdir` that holds anything (results are never overwritten) or cannot be written."""
+def check_results_folder(outdir: Optional[Path], root: Path = DEFAULT_OUTPUT_ROOT) -> None:
+    """Refuse an `outdir` that holds anything (results are never overwritten) or cannot be written
+    (without one: `root`, where a numbered folder will go)."""
     if outdir is not None and outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise FileExistsError(f"output folder {outdir} already exists and is not an empty folder; this run never "
                               "overwrites results: choose a new folder, or none for a numbered one")
-    check_output_folder(outdir if outdir is not None else DEFAULT_OUTPUT_ROOT)
+    check_output_folder(outdir if outdir is not None else root)
 
 
-def create_output_folder(outdir: Optional[Path]) -> Path:
-    """`outdir` if it does not exist or is empty; without one, the next outputs/consistency/run-NNNN."""
+def create_output_folder(outdir: Optional[Path], root: Path = DEFAULT_OUTPUT_ROOT) -> Path:
+    """`outdir` if it does not exist or is empty; without one, the next `root`/run-NNNN
+    (outputs/consistency/run-NNNN by default)."""
     if outdir is None:
-        return new_numbered_folder(DEFAULT_OUTPUT_ROOT, "run-")
+        return new_numbered_folder(root, "run-")
     check_results_folder(outdir)
     outdir.mkdir(parents=True, exist_ok=True)
     return outdir

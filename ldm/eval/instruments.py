@@ -13,7 +13,7 @@ the PIL images themselves. Feature models load from local files only; nothing is
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
@@ -75,29 +75,39 @@ class WorldInstrument:
         return metrics, labels
 
 
+def _load_instrument_file(field: str, path: Path, load: Callable[..., torch.nn.Module],
+                          device: torch.device) -> torch.nn.Module:
+    from ldm.checkpoint import CheckpointError
+    if not Path(path).is_file():
+        raise InvalidValue(field, path, "no such file; the world v2 instruments are written by "
+                                        "scripts/train_world_instruments.py (configs/demo/v2/README.md)")
+    try:
+        return load(path, device=str(device))
+    except (ValueError, CheckpointError, RuntimeError) as error:
+        raise InvalidValue(field, path, f"is not a world v2 {field} file ({error})") from None
+
+
+def load_world_classifier(path: Path, device: torch.device) -> torch.nn.Module:
+    """The world v2 scene classifier from its file; an InvalidValue (field `classifier`) for a missing
+    file, a file of another kind, or a classifier of another vocabulary than ldm/data/world.py's."""
+    from ldm.data.world import VOCABULARY
+    from ldm.eval.scene_classifier import load_scene_classifier
+
+    classifier = _load_instrument_file("classifier", path, load_scene_classifier, device)
+    if classifier.vocab != {name: list(values) for name, values in VOCABULARY.items()}:
+        raise InvalidValue("classifier", path, "was trained on another vocabulary than ldm/data/world.py's; "
+                                               "retrain it with scripts/train_world_instruments.py")
+    return classifier
+
+
 def load_world_instruments(classifier_path: Path, segmenter_path: Path, device: torch.device) -> WorldInstrument:
     """The world v2 instrument pair from its two files; an InvalidValue (field `classifier` or
     `segmenter`) for a missing file, a file of another kind, or a classifier of another vocabulary."""
-    from ldm.checkpoint import CheckpointError
-    from ldm.data.world import VOCABULARY
-    from ldm.eval.scene_classifier import load_scene_classifier
     from ldm.eval.segmenter import load_segmenter
 
-    loaded = {}
-    for field, path, load in (("classifier", classifier_path, load_scene_classifier),
-                              ("segmenter", segmenter_path, load_segmenter)):
-        if not Path(path).is_file():
-            raise InvalidValue(field, path, "no such file; the world v2 instruments are written by "
-                                            "scripts/train_world_instruments.py (configs/demo/v2/README.md)")
-        try:
-            loaded[field] = load(path, device=str(device))
-        except (ValueError, CheckpointError, RuntimeError) as error:
-            raise InvalidValue(field, path, f"is not a world v2 {field} file ({error})") from None
-    vocab = {name: list(values) for name, values in VOCABULARY.items()}
-    if loaded["classifier"].vocab != vocab:
-        raise InvalidValue("classifier", classifier_path, "was trained on another vocabulary than ldm/data/world.py's; "
-                                                          "retrain it with scripts/train_world_instruments.py")
-    return WorldInstrument(loaded["classifier"], loaded["segmenter"], device)
+    classifier = load_world_classifier(classifier_path, device)
+    return WorldInstrument(classifier, _load_instrument_file("segmenter", segmenter_path, load_segmenter, device),
+                           device)
 
 
 class FeatureModelInstrument:
