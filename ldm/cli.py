@@ -38,6 +38,7 @@ from ldm.generation.outputs import check_output_folder, save_result
 from ldm.generation.reference import check_references, read_reference, reference_notes, values_to_match
 from ldm.generation.request import GenerationRequest
 from ldm.modules.shared_attention import MODES, SharedAttentionSettings, describe_layers, parse_groups
+from ldm.modules.token_grids import self_attention_grids
 
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 SD_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -217,6 +218,9 @@ def apply_model_defaults(opt: argparse.Namespace, sd_defaults: Optional[dict[str
     """Fill unset model-dependent options from the SD v1 or the demo defaults; `sd_defaults` overrides
     some SD v1 values (CompVis' img2img uses other batch and guidance defaults than its txt2img)."""
     defaults = DEMO_DEFAULTS if opt.demo else {**SD_DEFAULTS, **(sd_defaults or {})}
+    # Whether the user named weights (rather than SD v1's default file): `--shared-attn help` then loads
+    # them to measure the token grids; a --config alone shows its layers without loading anything.
+    opt.weights_named = bool(opt.demo or opt.ckpt is not None)
     for name, value in defaults.items():
         if getattr(opt, name, None) is None:
             setattr(opt, name, value)
@@ -306,12 +310,30 @@ def check_unet_input(opt: argparse.Namespace, spec: ModelSpec, ckpt: Path, inpai
 
 
 def print_shared_attention_help(opt: argparse.Namespace) -> None:
-    """--shared-attn help: the groups, layers and modes, from the config alone (no checkpoint needed)."""
-    print(describe_layers(model_spec(opt).unet))
+    """--shared-attn help: the groups, layers and modes from the config; when weights are named (--demo or
+    --ckpt), the model is loaded as generation loads it and each layer's token grid at --H/--W (default:
+    the model's size) is measured by one forward pass. Nothing is generated or written."""
+    spec = model_spec(opt)
+    unet, grids = spec.unet, None
+    if getattr(opt, "weights_named", False):
+        ckpt = check_checkpoint(opt)
+        check_unet_input(opt, spec, ckpt, inpainting=hasattr(opt, "mask"))
+        height = getattr(opt, "H", None) or spec.geometry.native_size
+        width = getattr(opt, "W", None) or spec.geometry.native_size
+        spec.geometry.check_size(height, width)
+        model = load_model(spec, ckpt, device=choose_device(opt.device), use_ema=opt.use_ema, verbose=False)
+        _, latent_h, latent_w = spec.geometry.latent_shape(height, width)
+        unet, grids = model.unet, self_attention_grids(model.unet, (latent_h, latent_w))
+        print(f"Token grids measured by one forward pass of {ckpt.name} at {height}x{width} px (height x width; "
+              f"latents {latent_h}x{latent_w}):")
+    print(describe_layers(unet, grids))
     print("Options: --shared-attn-subject WORD[,WORD] (subject masks from cross-attention; sharing starts at the "
           "second step), --shared-attn-dropout P (0 <= P < 1, seeded by --seed), --shared-attn-adain (AdaIN of "
           "queries and keys towards the first image); each combines with groups, anchors, steps and strength, "
           "except that modes others and mean take no subject or dropout, and mean no strength.")
+    if grids is None:
+        print("Token grids: add --demo, or --ckpt (and its --config), to load that model and list each layer's "
+              "token grid at --H/--W (default: the model's size).")
 
 
 def shared_attention_settings(opt: argparse.Namespace) -> Optional[SharedAttentionSettings]:

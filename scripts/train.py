@@ -9,6 +9,15 @@ batch_size) and `trainer` (max_steps, seed, ...). The result is the model's stat
 .safetensors file (EMA weights swapped in when the model keeps them; `--dtype float16` halves the file).
 Training is seeded and runs on the CPU by default; an existing output is never overwritten unless
 --force is given, and the file appears only once training has finished.
+
+Several processes or GPUs (Lightning's DDP; gloo on the CPU, NCCL on GPUs):
+
+    python scripts/train.py --config ... --out ... --devices 2 --strategy ddp --accelerator cpu
+
+(or trainer.devices / trainer.strategy / trainer.accelerator in the config; flags win). Lightning starts
+the other processes by running this command again; only rank 0 writes the output. One step then
+averages N x batch_size items: max_steps and the learning rate are used as given (README, "Training on
+several processes or GPUs").
 """
 from __future__ import annotations
 
@@ -27,7 +36,7 @@ import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.cli import UsageError, resolve_path, run_cli  # noqa: E402
-from ldm.lightning import lightning_adapter  # noqa: E402
+from ldm.lightning import Processes, lightning_adapter  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 
 
@@ -81,23 +90,37 @@ def save_atomically(state: dict[str, torch.Tensor], out: Path, metadata: dict[st
             os.remove(temporary)
 
 
+def processes_of(config: Any, accelerator: Optional[str] = None, devices: Optional[int] = None,
+                 strategy: Optional[str] = None) -> Processes:
+    """The processes to train on: the given values, else the config's trainer section, else one CPU process."""
+    trainer_config = config.get("trainer", {})
+    return Processes(accelerator=accelerator or trainer_config.get("accelerator", "cpu"),
+                     devices=devices if devices is not None else trainer_config.get("devices", 1),
+                     strategy=strategy or trainer_config.get("strategy", "auto"))
+
+
 def train(config: Any, out: Path, *, max_steps: Optional[int] = None, dtype: torch.dtype = torch.float32,
-          progress: bool = True) -> torch.nn.Module:
+          progress: bool = True, processes: Optional[Processes] = None) -> torch.nn.Module:
+    """Train and save to `out` (rank 0 only, when several processes train); returns the trained model."""
     import pytorch_lightning as pl
+    processes = processes or processes_of(config)
     trainer_config = config.get("trainer", {})
     seed = int(trainer_config.get("seed", 0))
     seed_everything(seed)
     model, loader = build(config)
     steps = int(max_steps if max_steps is not None else trainer_config.get("max_steps", 1000))
     from pytorch_lightning.callbacks import TQDMProgressBar
-    trainer = pl.Trainer(max_steps=steps, accelerator="cpu", devices=1, logger=False, enable_checkpointing=False,
+    trainer = pl.Trainer(max_steps=steps, accelerator=processes.accelerator, devices=processes.devices,
+                         strategy=processes.strategy, logger=False, enable_checkpointing=False,
                          enable_model_summary=False, num_sanity_val_steps=0, limit_val_batches=0,
                          enable_progress_bar=progress,
                          callbacks=[TQDMProgressBar(refresh_rate=25)] if progress else None,
                          gradient_clip_val=trainer_config.get("gradient_clip_val", None))
-    trainer.fit(lightning_adapter(model), train_dataloaders=loader)
-    metadata = {"config": OmegaConf.to_yaml(config), "steps": str(steps), "seed": str(seed)}
-    save_atomically(trained_state_dict(model, dtype), out, metadata)
+    trainer.fit(lightning_adapter(model, seed=seed), train_dataloaders=loader)
+    if trainer.is_global_zero:  # DDP leaves the same weights in every process; one file is written
+        metadata = {"config": OmegaConf.to_yaml(config), "steps": str(steps), "seed": str(seed),
+                    "processes": str(trainer.world_size)}
+        save_atomically(trained_state_dict(model, dtype), out, metadata)
     return model
 
 
@@ -110,6 +133,11 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     parser.add_argument("--dtype", choices=["float32", "float16"], default="float32", help="dtype of the saved weights")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: torch's choice)")
     parser.add_argument("--force", action="store_true", help="replace an existing output file")
+    parser.add_argument("--accelerator", default=None, help="cpu (default), gpu or auto (trainer.accelerator)")
+    parser.add_argument("--devices", type=int, default=None,
+                        help="processes to train on, one per device (default 1; trainer.devices)")
+    parser.add_argument("--strategy", default=None,
+                        help="auto (default) or ddp: how several processes are joined (trainer.strategy)")
     opt = parser.parse_args(argv)
     config_paths, out = [resolve_path(p) for p in opt.config], Path(opt.out)
     for path in config_paths:
@@ -119,12 +147,20 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UsageError(f"--out {opt.out}: weights are written as .safetensors; give a name ending in .safetensors")
     if out.exists() and not opt.force:
         raise UsageError(f"{out} exists; pass --force to replace it, or choose another --out")
+    config = OmegaConf.merge(*(OmegaConf.load(p) for p in config_paths))
+    processes = processes_of(config, opt.accelerator, opt.devices, opt.strategy)
     if opt.threads:
         torch.set_num_threads(opt.threads)
-    config = OmegaConf.merge(*(OmegaConf.load(p) for p in config_paths))
-    train(config, out, max_steps=opt.max_steps, dtype=getattr(torch, opt.dtype))
-    print(f"wrote {out}")
+    train(config, out, max_steps=opt.max_steps, dtype=getattr(torch, opt.dtype), processes=processes)
+    from pytorch_lightning.utilities import rank_zero_only
+    if rank_zero_only.rank == 0:
+        print(f"wrote {out}")
+
+
+# An InvalidValue of the processes names the flag (or config entry) that sets it.
+TRAIN_FLAGS = {"accelerator": "--accelerator (trainer.accelerator)", "devices": "--devices (trainer.devices)",
+               "strategy": "--strategy (trainer.strategy)"}
 
 
 if __name__ == "__main__":
-    run_cli(main)
+    run_cli(main, flags=TRAIN_FLAGS)

@@ -105,6 +105,7 @@ from ldm.modules.attention_kernel import memory_linear_attention
 
 if TYPE_CHECKING:
     from ldm.modules.shared_reference import RecordedAnchors
+    from ldm.modules.token_grids import LayerGrid
 
 MODES = ("all", "anchor", "others", "pooled", "mean")
 MODE_INTUITIONS = {
@@ -317,11 +318,22 @@ def select_layers(model: nn.Module, groups: Sequence[str]) -> list[tuple[str, Cr
     return [(name, layer) for (name, layer), keep in zip(layers, chosen) if keep]
 
 
-def describe_layers(model: nn.Module) -> str:
-    """A listing of the groups and layers, for `--shared-attn help`."""
+def describe_layers(model: nn.Module, grids: Optional[Sequence["LayerGrid"]] = None) -> str:
+    """A listing of the groups and layers, for `--shared-attn help`; with `grids` (measured by
+    `ldm.modules.token_grids.self_attention_grids`) each layer also shows its token grid and count, and
+    each level the grid its layers share."""
     lines = ["Self-attention layers by group (tag = path.level; level = SD v1 latent side at 512 px):"]
+    measured = {grid.name: grid for grid in grids or ()}
     for name, layer in tagged_layers(model):
-        lines.append(f"  {layer.tag:<8} {name}")
+        grid = measured.get(name)
+        shown = f" {grid.shape:>7} {grid.tokens:>6} tokens " if grid is not None else ""
+        lines.append(f"  {layer.tag:<8}{shown} {name}")
+    if measured:
+        by_level: dict[str, set[str]] = {}
+        for grid in measured.values():
+            by_level.setdefault(grid.tag.split(".")[1], set()).add(grid.shape)
+        lines.append("Token grid by level: " + ", ".join(f"{level} = {' or '.join(sorted(shapes))}"
+                                                         for level, shapes in by_level.items()))
     lines.append("Group names: " + ", ".join(valid_group_names(model)))
     lines.append("Combine with commas, e.g. 'mid,up' or 'up.32,up.16'; a bare level such as '32' means every path at it.")
     lines.append("Modes:")
