@@ -454,6 +454,11 @@ class SharedAttention:
                                           strength=strength, scale=scale)
         return self._gathered(q, k, v, strength=strength, scale=scale)
 
+    def dropout_draw(self, rows: int, tokens: int) -> torch.Tensor:
+        """The next (rows, tokens) uniform draw of the run's dropout generator: one per shared layer call,
+        a row per image of the batch (both halves), kept where >= the dropout probability."""
+        return torch.rand(rows, tokens, generator=self._generator)
+
     def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strength: float,
                   scale: float) -> torch.Tensor:
         """Each image offers its pooled / subject / kept tokens; each query sees its own and the offers."""
@@ -466,7 +471,7 @@ class SharedAttention:
         if self.masks is not None:
             keep = self.masks.on_grid(grid).to(q.device).repeat(halves, 1)  # the conditional masks, per half
         if s.dropout > 0:
-            draw = torch.rand(batch, offered_k.shape[2], generator=self._generator).to(q.device)  # (B, M)
+            draw = self.dropout_draw(batch, offered_k.shape[2]).to(q.device)  # (B, M)
             kept = draw >= s.dropout
             keep = kept if keep is None else keep & kept
         offered_k, offered_v = offers(offered_k, offered_v, keep)

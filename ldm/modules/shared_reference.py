@@ -150,7 +150,7 @@ class RecordedAnchors:
             keep &= mask.to(q.device)[None]  # one mask per anchor, both halves
         p = controller.settings.dropout
         if p > 0:
-            draw = torch.rand(halves * (A + per_half), M, generator=controller._generator)  # the batch's draw
+            draw = controller.dropout_draw(halves * (A + per_half), M)  # the draw of a batch [anchors; new]
             keep &= rearrange(draw, "(k g) m -> k g m", k=halves)[:, :A].to(q.device) >= p
         offered_k = [anchor_k[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]  # (heads, M_a, d)
         offered_v = [anchor_v[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]
