@@ -164,7 +164,7 @@ def evaluate_references(model: LoadedModel, classifier, request: ReferenceEvalRe
 def summarize_references(results: Sequence[UnitResult], request: ReferenceEvalRequest) -> list[dict]:
     """Mean and std over seeds per (condition, compared reference), per subject and over all units."""
     rows = []
-    keys = [(name, kind) for name, kind, _ in request.conditions if kind] + [("none", k) for k in REFERENCE_KINDS]
+    keys = [("none", k) for k in REFERENCE_KINDS] + [(name, kind) for name, kind, _ in request.conditions if kind]
     for name, against in keys:
         for subject in (*request.subjects, "all"):
             values = [r.match for r in results if r.condition == name and r.against == against
