@@ -10,7 +10,7 @@ each reference in each layer group. The measure (ldm/eval/reference_consistency.
 subject's appearance attributes the new prompts leave open that the scene classifier reads as the
 reference's (the PNG's classifier reading; the render's ground truth). Without sharing it is the chance
 level. Writes results.md, results.csv (one row per subject, seed, condition and compared reference),
-summary.json and grid.png (per subject, seed 1 of the list: a row per condition, the reference first)
+summary.json and grid.png (per subject, the first seed: a row per condition, the reference first)
 into --outdir, which must be new or empty. CPU results are reproducible for the same --threads.
 """
 from __future__ import annotations
