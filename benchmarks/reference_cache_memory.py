@@ -9,7 +9,8 @@ checks against what the recorder keeps on a tiny model.
 Time, measured on the demo model (CPU, its 25 steps, batches of 4, one reference): one record pass
 (making the reference's batch again) against one new batch, alternately. With the record made once,
 a run of k batches costs record + k * batch; making the anchors again in every batch would cost
-k * (record + batch) (the reference's images then run in every batch).
+k * (record + batch) (the reference's images then run in every batch): the cost of
+`reference_cache=False`, whose peak memory is the same record, held one batch at a time.
 """
 from __future__ import annotations
 

@@ -61,6 +61,7 @@ GENERATION_FLAGS = {
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
     "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
+    "reference_cache": "--shared-attn-reference-cache",
     "sharing.subject": "--shared-attn-subject", "sharing.dropout": "--shared-attn-dropout",
     "sharing.adain": "--shared-attn-adain",
 }
@@ -196,6 +197,10 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                             "repeat for several (e.g. every image of a batch)")
     group.add_argument("--shared-attn-reference-prompt", type=str, default="", metavar="TEXT",
                        help="what a reference picture (not a generated PNG) shows, to invert it with (default empty)")
+    group.add_argument("--shared-attn-reference-cache", choices=("on", "off"), default="on",
+                       help="on (default): record the references' keys and values once per run and reuse them in "
+                            "every batch; off: record them again before every batch (same images, slower, the "
+                            "same peak memory)")
     group.add_argument("--shared-attn-subject", type=str, default=None, metavar="WORD[,WORD...]",
                        help="prompt words naming the subject (every prompt must contain one): of the other images "
                             "only the subject's tokens are shared, found from the words' cross-attention")
@@ -411,12 +416,14 @@ def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
         init_image=init_image, init_image_name=init_name, strength=getattr(opt, "strength", 0.75),
         sharing=sharing, compare=opt.compare, precision=opt.precision,
         references=tuple(getattr(opt, "shared_attn_reference", None) or ()),
-        reference_prompt=getattr(opt, "shared_attn_reference_prompt", ""), mask_image=mask_image,
+        reference_prompt=getattr(opt, "shared_attn_reference_prompt", ""),
+        reference_cache=getattr(opt, "shared_attn_reference_cache", "on") == "on", mask_image=mask_image,
         mask_image_name=mask_name)
     request.check_for(spec)
     if request.references:  # the files and their settings, before the weights load
         references = [read_reference(path) for path in request.references]
-        check_references(references, values_to_match(request, spec.geometry), checkpoint_fingerprint(ckpt))
+        check_references(references, values_to_match(request, spec.geometry), checkpoint_fingerprint(ckpt),
+                         request.sharing.subject, request.reference_prompt)
         for note in reference_notes(references, *request.size_for(spec.geometry), request.reference_prompt):
             print(f"note: {note}", file=sys.stderr)
     if sharing is not None and sharing.mode == "anchor" and sharing.anchors >= opt.n_samples:

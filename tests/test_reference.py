@@ -173,11 +173,55 @@ def test_a_reference_needs_anchor_mode_and_ddim():
 
 
 
-@pytest.mark.parametrize("option", [{"subject": ("chair",)}, {"dropout": 0.5}, {"adain": True}])
-def test_a_reference_is_not_yet_combined_with_subject_masks_dropout_or_adain(option):
-    with pytest.raises(InvalidValue) as error:
-        second_request("x.png", sharing=replace(SHARING, **option))
-    assert error.value.field == "sharing." + next(iter(option))
+# ----------------------------------------------------------------------------- the cache
+def test_recording_again_for_every_batch_gives_the_images_of_the_record_made_once(model, first_run):
+    _, paths = first_run
+    cached = generate(model, second_request(paths[0], n_iter=2)).images
+    recomputed = generate(model, second_request(paths[0], n_iter=2, reference_cache=False)).images
+    assert len(cached) == 4
+    assert all(np.array_equal(pixels(a), pixels(b)) for a, b in zip(cached, recomputed))
+
+
+# ----------------------------------------------------------------------------- with every sharing option
+# Subject masks, dropout and AdaIN keep their batch meaning beside recorded anchors, and each is exact:
+# - subject words: an anchor's mask comes from its own cross-attention alone, recorded with it;
+# - dropout: the draw is the one a batch [anchor; new images] makes, seeded by the anchor's seed (the
+#   first image of the first run's batch), and the second run has as many new images as the first had
+#   non-anchors, so the same tokens of the anchor are dropped;
+# - AdaIN: the group's first image is the anchor, whose query and key statistics are recorded.
+# Only floating-point rounding differs (the anchor's keys come from a batch of another size), hence 1/255.
+@pytest.mark.parametrize("option", [{"subject": ("chair",)}, {"dropout": 0.5}, {"adain": True},
+                                    {"subject": ("chair",), "dropout": 0.25, "adain": True}],
+                         ids=["subject", "dropout", "adain", "all three"])
+def test_a_set_extended_with_an_option_equals_the_images_made_beside_the_reference(model, first_run, tmp_path,
+                                                                                   option):
+    sharing = replace(SHARING, **option)
+    first = generate(model, replace(FIRST, sharing=sharing))
+    paths = save_result(first, tmp_path, grid=False)
+    extended = generate(model, second_request(paths[0], sharing=sharing)).images
+    without_option = first_run[0][1:]  # the same seeds made beside the same anchor, the option off
+    for new, original, without in zip(extended, first.images[1:], without_option):
+        assert max_difference(new, original) <= 1
+        assert max_difference(new, without) > 1  # the option does change them
+
+
+def test_a_reference_whose_prompt_does_not_name_the_subject_is_refused(model, first_run):
+    with pytest.raises(InvalidValue, match="contains none of the subject words") as error:
+        generate(model, second_request(first_run[1][0], prompt=("a chair lamp", "a lamp"),
+                                       sharing=replace(SHARING, subject=("lamp",))))
+    assert error.value.field == "references"
+
+
+def test_a_picture_is_given_subject_masks_from_its_prompt_which_must_name_the_subject(model, first_run, tmp_path):
+    picture = tmp_path / "photo.png"
+    Image.open(first_run[1][0]).convert("RGB").save(picture)
+    sharing = replace(SHARING, subject=("chair",))
+    with pytest.raises(InvalidValue, match="contains none of the subject words") as error:
+        generate(model, second_request(picture, reference_prompt="a red thing", sharing=sharing))
+    assert error.value.field == "reference_prompt"
+    masked = generate(model, second_request(picture, reference_prompt="a red chair", sharing=sharing)).images
+    whole = generate(model, second_request(picture, reference_prompt="a red chair")).images
+    assert all(max_difference(a, b) > 1 for a, b in zip(masked, whole))
 
 
 # ----------------------------------------------------------------------------- the scripts

@@ -14,7 +14,9 @@ content fingerprint, EMA); img2img adds strength, encode steps and the init imag
 also the mask's name.
 
 References (`request.references`, ldm/generation/reference.py): recorded once before the first batch
-and offered to every shared batch; with `compare` their images are the first row.
+and offered to every shared batch (`reference_cache`, the default), or recorded again before every
+batch (`reference_cache=False`); the two give the same images. With `compare` their images are the
+first row.
 
 Inpainting (a request with a mask, an inpainting model): the mask and the masked picture's latents are
 computed once per run (`masked_image_conditioning`) and enter every UNet call beside the latents.
@@ -129,7 +131,10 @@ def generate(model: LoadedModel, request: GenerationRequest,
     out: list[BatchImages] = []
     with precision_scope(request.precision, model.device):
         anchors = _reference_anchors(model, request, run, out)  # once per run, shared by every batch
-        for batch in plan:
+        for number, batch in enumerate(plan):
+            if number and anchors is not None and not request.reference_cache:
+                anchors = None  # the previous batch's record goes before the next is made
+                anchors = _reference_anchors(model, request, run, [])
             for label, sharing in variants:
                 callback = _step_reporter(progress, len(out), len(plan) * len(variants), request.denoising_steps)
                 latents = _sample(model, request, sampler, batch, sharing, init_latent, callback,
@@ -180,7 +185,8 @@ def _reference_anchors(model: LoadedModel, request: GenerationRequest, run: dict
     if not request.references:
         return None
     references = [read_reference(path) for path in request.references]
-    check_references(references, values_to_match(request, model.geometry), model.source.get("ckpt_fingerprint"))
+    check_references(references, values_to_match(request, model.geometry), model.source.get("ckpt_fingerprint"),
+                     request.sharing.subject, request.reference_prompt)
     height, width = request.size_for(model.geometry)
     picture_run = dict(steps=request.steps, scale=request.scale, negative_prompt=request.negative_prompt, H=height,
                        W=width, prompt=request.reference_prompt)

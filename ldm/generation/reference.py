@@ -20,7 +20,11 @@ anchors' keys and values at every shared layer and step (benchmarks/reference_ca
 
 Checked before any weight loads (`check_references`): the file exists and carries the metadata, the
 checkpoint fingerprint, size, sampler, steps, scale, eta, negative prompt and latent shape agree with
-the run. Errors are `InvalidValue("references", path, ...)` naming what differs.
+the run; with subject words, the reference's prompt (a picture's: the reference prompt) names the
+subject. Errors are `InvalidValue("references", path, ...)` naming what differs.
+
+Subject words, dropout and AdaIN of the new run reach the record as they would reach the anchors of
+a batch (ldm/modules/shared_attention.py, "Anchors recorded in another run").
 """
 from __future__ import annotations
 
@@ -39,11 +43,13 @@ from ldm.generation.sampling import conditionings, decode_latents, encode_init_i
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddim_inversion import invert
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
-from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings, parse_groups
+from ldm.modules.shared_attention import (SharedAttention, SharedAttentionSettings, parse_groups,
+                                          subject_positions_for)
+from ldm.modules.subject_masks import prompt_words
 from ldm.modules.shared_reference import OFF, AnchorRecorder, RecordedAnchors
 
 # Metadata a reference PNG must carry to be regenerated.
-NEEDED = ("batch_prompts", "batch_seeds", "batch_index", "sampler", "steps", "scale", "eta", "H", "W",
+NEEDED = ("prompt", "seed", "batch_prompts", "batch_seeds", "batch_index", "sampler", "steps", "scale", "eta", "H", "W",
           "negative_prompt", "C", "f")
 # (metadata key, request/run value name) that the new run must share with its reference.
 MUST_MATCH = ("sampler", "steps", "scale", "eta", "negative_prompt", "H", "W", "C", "f")
@@ -108,12 +114,24 @@ def reference_notes(references: Sequence[Reference], height: int, width: int, pr
     return notes
 
 
-def check_references(references: Sequence[Reference], run: dict[str, Any], fingerprint: Optional[str]) -> None:
+def check_references(references: Sequence[Reference], run: dict[str, Any], fingerprint: Optional[str],
+                     subject: Sequence[str] = (), picture_prompt: str = "") -> None:
     """Refuse references the run cannot extend: `run` holds the new run's values under the metadata's
-    names (see `MUST_MATCH`); `fingerprint` is the checkpoint's (None when unknown, e.g. a test model)."""
+    names (see `MUST_MATCH`); `fingerprint` is the checkpoint's (None when unknown, e.g. a test model).
+    With subject words, a reference's own prompt (a picture's: `picture_prompt`) must name the subject:
+    its mask is read from that word's cross-attention."""
+    wanted = {w.lower() for w in subject}
     for reference in references:
         if not reference.generated:
+            if wanted and not wanted & set(prompt_words(picture_prompt)):
+                raise InvalidValue("reference_prompt", picture_prompt,
+                                   f"contains none of the subject words ({', '.join(subject)}), so the subject "
+                                   f"of the picture {reference.path.name} cannot be found; name it in the prompt")
             continue  # a picture: inverted with the run's own settings
+        if wanted and not wanted & set(prompt_words(reference.metadata["prompt"])):
+            raise InvalidValue("references", str(reference.path),
+                               f"its prompt {reference.metadata['prompt']!r} contains none of the subject words "
+                               f"({', '.join(subject)}), so its subject cannot be found; change the subject words")
         m = reference.metadata
         theirs = m.get("ckpt_fingerprint")
         if fingerprint is not None and theirs is not None and theirs != fingerprint:
@@ -185,7 +203,11 @@ def _record_generated_batch(module: Any, group: Sequence[Reference],
                             settings: SharedAttentionSettings) -> tuple[RecordedAnchors, list[Image.Image]]:
     m = group[0].metadata
     picked = [r.metadata["batch_index"] for r in group]
-    recorder = AnchorRecorder(module, settings, picked)
+    positions = None
+    if settings.subject:
+        positions = subject_positions_for(module, [r.metadata["prompt"] for r in group], settings.subject)
+    recorder = AnchorRecorder(module, settings, picked, subject_positions=positions,
+                              seed=int(group[0].metadata["seed"]))
     latent_shape = (m["C"], m["H"] // m["f"], m["W"] // m["f"])
     with recorder.recording() as record:
         latents = generate_latents(module, make_sampler(m["sampler"], module), m["batch_prompts"],
@@ -218,11 +240,13 @@ def record_picture_anchors(module: Any, picture: Image.Image, settings: SharedAt
     error = float((back - x0).pow(2).mean().sqrt() / x0.pow(2).mean().sqrt())
     conditional, unconditional = conditionings(module, [prompt], negative_prompt, scale)
     guide = ClassifierFreeGuidance(module, conditional, unconditional, scale)
-    recorder = AnchorRecorder(module, settings, [0])
+    positions = subject_positions_for(module, [prompt], settings.subject) if settings.subject else None
+    recorder = AnchorRecorder(module, settings, [0], subject_positions=positions)
     with SharedAttention(module, OFF), recorder.recording() as record:
         for step in range(steps):  # step 0 is the noisiest: the last latent of the trajectory
             index = steps - 1 - step
-            if settings.in_window(step / steps):
+            # Subject masks are made from the calls before a step, so every step runs with them.
+            if settings.subject or settings.in_window(step / steps):
                 guide(trajectory[index], int(sampler.ddim_timesteps[index]), step, steps)
     return record, picture, error
 

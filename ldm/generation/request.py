@@ -85,6 +85,8 @@ class GenerationRequest:
     precision: str = "autocast"
     references: tuple[str, ...] = ()  # images that anchor every batch (ldm/generation/reference.py)
     reference_prompt: str = ""  # what a reference picture (not a generated PNG) is inverted with
+    # Record the references' keys and values once per run (True) or again for every batch (False).
+    reference_cache: bool = True
     mask_image: Optional[Image.Image] = field(default=None, compare=False, repr=False)
     mask_image_name: Optional[str] = None  # recorded in the metadata
 
@@ -213,9 +215,8 @@ def _check_references(r: GenerationRequest) -> None:
         raise InvalidValue("sharing.mode", r.sharing.mode if r.sharing else None,
                            "a reference anchors every image of the run: share in anchor mode (the reference "
                            "images are the anchors)")
-    for name, value in (("subject", r.sharing.subject), ("dropout", r.sharing.dropout), ("adain", r.sharing.adain)):
-        if value:  # the recorded anchors are offered whole; masks, dropout and AdaIN do not reach them yet
-            raise InvalidValue(f"sharing.{name}", value, "is not combined with references yet: drop one of them")
+    if not isinstance(r.reference_cache, bool):
+        raise InvalidValue("reference_cache", r.reference_cache, "must be True (record once) or False (every batch)")
     if r.img2img:
         raise InvalidValue("init_image", r.init_image_name, "references extend text-to-image runs only")
     if r.sampler != "ddim":

@@ -50,11 +50,14 @@ def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings], promp
                   seeds: Sequence[int], reference: Optional[RecordedAnchors] = None) -> Iterator[None]:
     """Batch-shared attention with `settings` for the duration of the block; nothing when None. The
     prompts locate subject words; the batch's first seed seeds the dropout. With `reference`, every
-    image attends to its own tokens and the recorded anchors'."""
+    image attends to its own tokens and the recorded anchors', and the first anchor's seed seeds it."""
     if settings is None:
         yield
         return
-    with controller_for(model, settings, prompts=prompts, seed=int(seeds[0])) as controller:
+    # A batch's dropout is seeded by its first image's seed; beside recorded anchors the first image is
+    # the first anchor, so its seed (None for a picture: the batch's own) seeds the draw.
+    seed = reference.seed if reference is not None and reference.seed is not None else seeds[0]
+    with controller_for(model, settings, prompts=prompts, seed=int(seed)) as controller:
         with reference.attached(controller) if reference is not None else contextlib.nullcontext():
             yield
 

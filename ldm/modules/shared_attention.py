@@ -52,6 +52,20 @@ the gathered kernel they use, ldm/modules/subject_masks.py for the masks):
   tokens) of the first image of its sharing group (the first anchor in anchor mode), so the
   images' attention statistics, and with them style, line up. Identical images stay unchanged.
 
+Anchors recorded in another run (a reference, ldm/modules/shared_reference.py): in anchor mode the
+anchors' keys and values never depend on the other images, so they can be recorded in an earlier
+pass and offered to later batches, whose images are then all non-anchors. Every option keeps its
+batch meaning there, which is what makes an extended set equal the images made beside the anchors:
+- subject words: a recorded anchor offers only its subject tokens; its mask is made from its own
+  cross-attention while it is recorded (the mask of an image depends on that image alone), stored per
+  layer and step, and sharing starts at the second step as in a batch.
+- dropout: the anchors' offered tokens are dropped by the draw a batch [anchors; new images] would
+  make: generator seeded with the first anchor's seed (the first image of that batch), one draw of
+  (halves x (anchors + new images), tokens) per shared layer call, the anchors' rows used. With as
+  many new images as the anchors' batch had non-anchors, these are the very tokens dropped there.
+- AdaIN: the group's first image is the first anchor, so every new image's queries and keys (and the
+  other anchors' recorded keys) get the first anchor's per-channel statistics, recorded with it.
+
 A sharing group never crosses the classifier-free-guidance halves: with guidance a batch is
 [unconditional images; conditional images] and each half is its own group, so the unconditional
 prediction of one image is never mixed with conditional content of another. The guidance helper
@@ -440,9 +454,8 @@ class SharedAttention:
         if q.shape[0] % halves:
             raise ValueError(f"a batch of {q.shape[0]} cannot be split into {halves} guidance halves")
         strength = max(-MAX_ABS_STRENGTH, min(MAX_ABS_STRENGTH, s.strength))
-        if self.reference is not None:
-            return self.reference.attend(q, k, v, halves=halves, progress=self.layout.progress,
-                                         strength=strength, scale=scale)
+        if self.reference is not None:  # the anchors are recorded: every image of the batch is a non-anchor
+            return self.reference.attend(q, k, v, controller=self, strength=strength, scale=scale)
         if s.adain:
             q, k = adain_to_group_reference(q, halves), adain_to_group_reference(k, halves)
         if s.mode == "mean":
@@ -452,6 +465,11 @@ class SharedAttention:
             return shared_batch_attention(q, k, v, halves=halves, mode=s.mode, anchors=s.anchors,
                                           strength=strength, scale=scale)
         return self._gathered(q, k, v, strength=strength, scale=scale)
+
+    def dropout_draw(self, rows: int, tokens: int) -> torch.Tensor:
+        """The next (rows, tokens) uniform draw of the run's dropout generator: one per shared layer call,
+        a row per image of the batch (both halves), kept where >= the dropout probability."""
+        return torch.rand(rows, tokens, generator=self._generator)
 
     def _gathered(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, strength: float,
                   scale: float) -> torch.Tensor:
@@ -465,7 +483,7 @@ class SharedAttention:
         if self.masks is not None:
             keep = self.masks.on_grid(grid).to(q.device).repeat(halves, 1)  # the conditional masks, per half
         if s.dropout > 0:
-            draw = torch.rand(batch, offered_k.shape[2], generator=self._generator).to(q.device)  # (B, M)
+            draw = self.dropout_draw(batch, offered_k.shape[2]).to(q.device)  # (B, M)
             kept = draw >= s.dropout
             keep = kept if keep is None else keep & kept
         offered_k, offered_v = offers(offered_k, offered_v, keep)
@@ -503,13 +521,17 @@ def controller_for(model: nn.Module, settings: SharedAttentionSettings, prompts:
     """The controller of `settings` for a batch of `prompts` (needed with subject words unless
     `subject_positions` is given) generated from `seed`."""
     if settings.subject and subject_positions is None and prompts is not None:
-        encoder = getattr(model, "cond_stage_model", None)
-        if encoder is None or not hasattr(encoder, "tokenizer"):
-            raise TypeError("finding the subject's tokens needs a model with a text encoder (cond_stage_model); "
-                            "for a bare UNet pass subject_positions")
-        subject_positions = subject_token_positions(encoder.tokenizer, prompts, settings.subject,
-                                                    getattr(encoder, "max_length", 77))
+        subject_positions = subject_positions_for(model, prompts, settings.subject)
     return SharedAttention(model, settings, subject_positions=subject_positions, seed=seed)
+
+
+def subject_positions_for(model: nn.Module, prompts: Sequence[str], words: Sequence[str]) -> list[tuple[int, ...]]:
+    """The subject words' token positions in each prompt, found with `model`'s text encoder's tokenizer."""
+    encoder = getattr(model, "cond_stage_model", None)
+    if encoder is None or not hasattr(encoder, "tokenizer"):
+        raise TypeError("finding the subject's tokens needs a model with a text encoder (cond_stage_model); "
+                        "for a bare UNet pass subject_positions")
+    return subject_token_positions(encoder.tokenizer, prompts, words, getattr(encoder, "max_length", 77))
 
 
 @contextmanager

@@ -9,57 +9,98 @@ split:
 
 - `AnchorRecorder`: while the reference batch is sampled (with its own settings), records the keys
   and values that the chosen images' self-attention layers compute, per (layer, step), both guidance
-  halves together, for the layers and steps the later run will share in only.
+  halves together, for the layers and steps the later run will share in only. With subject words it
+  also makes the chosen images' subject masks from their own cross-attention (`SubjectMaskReader`)
+  and keeps each layer's mask; with AdaIN, the first anchor's query and key statistics.
 - `RecordedAnchors`: the record. Attached to a later run's controller (`SharedAttention.reference`),
-  it makes every image of that run attend to [its own tokens, the anchors' tokens of the same layer,
-  step and guidance half], exactly the keys a non-anchor image sees in anchor mode.
+  it makes every image of that run attend to [its own tokens, the anchors' offered tokens of the same
+  layer, step and guidance half], exactly the keys a non-anchor image sees in anchor mode: all of
+  them, or with subject words and dropout the gathered ones (the batch's gathered kernel).
 
 Keys are the step's progress (step index / number of steps, as the guidance helper reports it) and
 the layer's module path; the later run must sample the same steps (one model call per step: DDIM).
-Tensors: k, v (B, heads, N, d) as the layer computes them; the record holds (halves, A, heads, N, d).
+Tensors: k, v (B, heads, N, d) as the layer computes them; the record holds (halves, A, heads, N, d),
+masks (A, N) bool, statistics (halves, A, heads, 1, d).
 """
 from __future__ import annotations
 
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ldm.modules.attention import CrossAttention
+from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.cross_attention_read import context_of, cross_attention_layers
 from ldm.modules.shared_attention import (SharedAttention, SharedAttentionSettings, attend_across_images, find_unet,
                                           select_layers)
+from ldm.modules.shared_variants import adain_transfer, attend_own_and_offered, channel_statistics
+from ldm.modules.subject_masks import SubjectMasks
 
 Key = tuple[str, float]  # (layer module path, step progress)
+Statistics = tuple[torch.Tensor, torch.Tensor]  # (mean, std), each (halves, A, heads, 1, d)
+
+
+@dataclass
+class AnchorEntry:
+    """What the anchors offer at one (layer, step): k, v (halves, A, heads, N, d); with subject words
+    their masks on the layer's token grid (A, N); with AdaIN their query and key statistics."""
+
+    k: torch.Tensor
+    v: torch.Tensor
+    mask: Optional[torch.Tensor] = None
+    q_statistics: Optional[Statistics] = None
+    k_statistics: Optional[Statistics] = None
+
+    @property
+    def nbytes(self) -> int:
+        tensors = [self.k, self.v] + ([self.mask] if self.mask is not None else [])
+        for statistics in (self.q_statistics, self.k_statistics):
+            tensors += list(statistics or ())
+        return sum(t.numel() * t.element_size() for t in tensors)
+
+    def after(self, other: "AnchorEntry") -> "AnchorEntry":
+        """These anchors followed by `other`'s (along A)."""
+        def joined(a, b, dim):
+            return None if a is None else torch.cat([a, b], dim=dim)
+
+        def joined_statistics(a, b):
+            return None if a is None else (joined(a[0], b[0], 1), joined(a[1], b[1], 1))
+        return AnchorEntry(joined(self.k, other.k, 1), joined(self.v, other.v, 1), joined(self.mask, other.mask, 0),
+                           joined_statistics(self.q_statistics, other.q_statistics),
+                           joined_statistics(self.k_statistics, other.k_statistics))
 
 
 class RecordedAnchors:
-    """Keys and values of A anchor images per (layer, step), both guidance halves: (halves, A, heads, N, d)."""
+    """The anchors' offers per (layer, step) (`AnchorEntry`), and the first anchor's seed (None: a
+    picture), which seeds dropout as the anchors' own batch would."""
 
-    def __init__(self) -> None:
-        self.keys_values: dict[Key, tuple[torch.Tensor, torch.Tensor]] = {}
+    def __init__(self, seed: Optional[int] = None) -> None:
+        self.entries: dict[Key, AnchorEntry] = {}
+        self.seed = seed
         self._current_layer: Optional[str] = None
 
     @property
     def nbytes(self) -> int:
         """Memory the record holds."""
-        return sum(k.numel() * k.element_size() + v.numel() * v.element_size() for k, v in self.keys_values.values())
+        return sum(entry.nbytes for entry in self.entries.values())
 
-    def store(self, layer: str, progress: float, k: torch.Tensor, v: torch.Tensor) -> None:
-        self.keys_values[(layer, progress)] = (k, v)
+    def store(self, layer: str, progress: float, entry: AnchorEntry) -> None:
+        self.entries[(layer, progress)] = entry
 
     def extend(self, other: "RecordedAnchors") -> None:
         """Append `other`'s anchors after these (same layers and steps required)."""
-        if not self.keys_values:
-            self.keys_values = dict(other.keys_values)
+        if self.seed is None:
+            self.seed = other.seed
+        if not self.entries:
+            self.entries = dict(other.entries)
             return
-        if self.keys_values.keys() != other.keys_values.keys():
+        if self.entries.keys() != other.entries.keys():
             raise ValueError("the two references were recorded at different layers or steps; record them with "
                              "the same sharing settings and steps")
-        for key, (k, v) in other.keys_values.items():
-            k0, v0 = self.keys_values[key]
-            self.keys_values[key] = (torch.cat([k0, k], dim=1), torch.cat([v0, v], dim=1))  # along A
+        self.entries = {key: entry.after(other.entries[key]) for key, entry in self.entries.items()}
 
     @contextmanager
     def attached(self, controller: SharedAttention) -> Iterator["RecordedAnchors"]:
@@ -79,48 +120,147 @@ class RecordedAnchors:
             self._current_layer = name
         return hook
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, halves: int, progress: Optional[float],
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, controller: SharedAttention,
                strength: float, scale: float) -> torch.Tensor:
-        """q, k, v (B, heads, N, d) of the running layer -> each image over [own, anchors]: (B, heads, N, d)."""
+        """q, k, v (B, heads, N, d) of the running layer -> each image over [own, anchors' offers]: (B, heads, N, d).
+        `controller`: the run's (settings, guidance halves, step, dropout generator)."""
+        settings, halves, progress = controller.settings, controller.layout.halves, controller.layout.progress
         key = (self._current_layer, progress)
-        if key not in self.keys_values:
+        if key not in self.entries:
             raise ValueError(f"no anchor keys were recorded for layer {key[0]} at step progress {progress}; the "
-                             "reference must be recorded with the run's steps and shared layers")
-        anchor_k, anchor_v = self.keys_values[key]  # (halves, A, heads, M, d)
+                             "reference must be recorded with the run's steps, shared layers and subject words")
+        entry = self.entries[key]
+        anchor_k, anchor_v = entry.k.to(k.dtype), entry.v.to(v.dtype)  # (halves, A, heads, M, d)
         if anchor_k.shape[0] != halves:
             raise ValueError(f"the anchors were recorded with {anchor_k.shape[0]} guidance half(s) but this batch "
                              f"has {halves}; use the reference's guidance scale")
+        if settings.adain:
+            q, k, anchor_k = _adain_towards_first_anchor(q, k, anchor_k, entry, halves)
+        if entry.mask is None and settings.dropout == 0:
+            return _attend_own_then_anchors(q, k, v, anchor_k, anchor_v, halves, strength, scale)
+        return self._gathered(q, k, v, anchor_k, anchor_v, entry.mask, controller, strength, scale)
+
+    def _gathered(self, q, k, v, anchor_k, anchor_v, mask, controller, strength, scale) -> torch.Tensor:
+        """As the batch's gathered kernel: each anchor offers its subject tokens, less those dropped by
+        the draw of a batch [anchors; new images] (rows of the anchors); each image sees its own and these."""
+        halves, A, _, M, _ = anchor_k.shape
         per_half = q.shape[0] // halves
+        keep = torch.ones(halves, A, M, dtype=torch.bool, device=q.device)
+        if mask is not None:
+            keep &= mask.to(q.device)[None]  # one mask per anchor, both halves
+        p = controller.settings.dropout
+        if p > 0:
+            draw = controller.dropout_draw(halves * (A + per_half), M)  # the draw of a batch [anchors; new]
+            keep &= rearrange(draw, "(k g) m -> k g m", k=halves)[:, :A].to(q.device) >= p
+        offered_k = [anchor_k[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]  # (heads, M_a, d)
+        offered_v = [anchor_v[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]
+        seen = [[(i // per_half) * A + a for a in range(A)] for i in range(q.shape[0])]  # same half's anchors
+        return attend_own_and_offered(q, k, v, offered_k, offered_v, seen, include_own=True, strength=strength,
+                                      scale=scale)
 
-        def own_then_anchors(t: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
-            own = rearrange(t, "(k b) h n d -> (k b) 1 h n d", k=halves)  # (halves*B, 1, heads, N, d)
-            shared = anchors[:, None].expand(-1, per_half, -1, -1, -1, -1)  # (halves, B, A, heads, M, d)
-            shared = rearrange(shared, "k b a h m d -> (k b) a h m d")  # (halves*B, A, heads, M, d)
-            return torch.cat([own, shared.to(t.dtype)], dim=1)  # (halves*B, 1+A, heads, N, d)
 
-        out = attend_across_images(q[:, None], own_then_anchors(k, anchor_k), own_then_anchors(v, anchor_v),
-                                   scale=scale, strength=strength)  # (halves*B, 1, heads, N, d)
-        return out[:, 0]
+def _attend_own_then_anchors(q, k, v, anchor_k, anchor_v, halves, strength, scale) -> torch.Tensor:
+    """Every image over [own tokens, every anchor token]: q, k, v (B, heads, N, d), anchors (halves, A, heads, M, d)."""
+    per_half = q.shape[0] // halves
+
+    def own_then_anchors(t: torch.Tensor, anchors: torch.Tensor) -> torch.Tensor:
+        own = rearrange(t, "(k b) h n d -> (k b) 1 h n d", k=halves)  # (halves*B, 1, heads, N, d)
+        shared = anchors[:, None].expand(-1, per_half, -1, -1, -1, -1)  # (halves, B, A, heads, M, d)
+        shared = rearrange(shared, "k b a h m d -> (k b) a h m d")  # (halves*B, A, heads, M, d)
+        return torch.cat([own, shared], dim=1)  # (halves*B, 1+A, heads, N, d)
+
+    out = attend_across_images(q[:, None], own_then_anchors(k, anchor_k), own_then_anchors(v, anchor_v),
+                               scale=scale, strength=strength)  # (halves*B, 1, heads, N, d)
+    return out[:, 0]
+
+
+def _adain_towards_first_anchor(q, k, anchor_k, entry: AnchorEntry, halves: int):
+    """AdaIN as in a batch whose first image is the first anchor: the new images' q and k (B, heads, N, d)
+    and the other anchors' recorded keys get the first anchor's per-channel statistics."""
+    if entry.q_statistics is None:
+        raise ValueError("the anchors were recorded without AdaIN statistics; record them with adain on")
+
+    def towards_first(t: torch.Tensor, first: Statistics) -> torch.Tensor:
+        grouped = rearrange(t, "(k b) h n d -> k b h n d", k=halves)  # (halves, B, heads, N, d)
+        out = adain_transfer(grouped, channel_statistics(grouped), (first[0][:, :1], first[1][:, :1]))
+        return rearrange(out, "k b h n d -> (k b) h n d")
+
+    q, k = towards_first(q, entry.q_statistics), towards_first(k, entry.k_statistics)
+    if anchor_k.shape[1] > 1:  # the other anchors offer keys normalised as in their batch; the first its own
+        mean, std = entry.k_statistics
+        others = adain_transfer(anchor_k[:, 1:], (mean[:, 1:], std[:, 1:]), (mean[:, :1], std[:, :1]))
+        anchor_k = torch.cat([anchor_k[:, :1], others.to(anchor_k.dtype)], dim=1)
+    return q, k, anchor_k
+
+
+class SubjectMaskReader:
+    """Subject masks of some images of a running batch, read from their own cross-attention as the
+    controller does (ldm/modules/subject_masks.py): `positions[a]` of conditional image `rows[a]`."""
+
+    def __init__(self, unet: nn.Module, positions: Sequence[Sequence[int]], rows: Sequence[int]):
+        self.unet, self.rows = unet, list(rows)
+        self.masks = SubjectMasks(positions)
+        self.grid: Optional[tuple[int, int]] = None  # token grid of the running transformer
+        self.latent_grid: Optional[tuple[int, int]] = None
+
+    @contextmanager
+    def reading(self) -> Iterator["SubjectMaskReader"]:
+        hooks = [self.unet.register_forward_pre_hook(self._new_call)]
+        hooks += [m.register_forward_pre_hook(self._enter_transformer) for m in self.unet.modules()
+                  if isinstance(m, SpatialTransformer)]
+        hooks += [layer.register_forward_hook(self._read, with_kwargs=True)
+                  for _, tag, layer in cross_attention_layers(self.unet) if self.masks.reads(tag)]
+        try:
+            yield self
+        finally:
+            for hook in hooks:
+                hook.remove()
+
+    def _new_call(self, unet: nn.Module, args: tuple) -> None:
+        self.latent_grid = tuple(args[0].shape[-2:])
+        self.masks.new_call()
+
+    def _enter_transformer(self, transformer: nn.Module, args: tuple) -> None:
+        self.grid = tuple(args[0].shape[-2:])
+
+    def _read(self, layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
+        x, context = args[0], context_of(args, kwargs)  # (halves*R, N, C), (halves*R, T, D)
+        halves = self.unet.shared_attention.layout.halves
+        conditional = x.shape[0] // halves
+        rows = [(halves - 1) * conditional + row for row in self.rows]  # the chosen images' conditional rows
+        self.masks.record(layer, x[rows], context[rows], self.grid, self.latent_grid, 1)
 
 
 class AnchorRecorder:
     """Records the keys and values of images `indices` of a batch in the layers and step window of
-    `settings` (the later run's), while the batch samples under its own controller."""
+    `settings` (the later run's), while the batch samples under its own controller. With subject words
+    give `subject_positions` (of those images' prompts); `seed`: the first recorded image's seed."""
 
     def __init__(self, model: nn.Module, settings: SharedAttentionSettings, indices: Sequence[int],
-                 dtype: Optional[torch.dtype] = None):
+                 dtype: Optional[torch.dtype] = None, subject_positions: Optional[Sequence[Sequence[int]]] = None,
+                 seed: Optional[int] = None):
         self.unet = find_unet(model)
         self.layers: list[tuple[str, CrossAttention]] = select_layers(self.unet, settings.groups)
         self.settings = settings
         self.indices = list(indices)
         self.dtype = dtype
-        self.record = RecordedAnchors()
+        self.record = RecordedAnchors(seed)
+        self.reader: Optional[SubjectMaskReader] = None
+        if settings.subject:
+            if subject_positions is None:
+                raise ValueError("recording anchors for subject masks needs the subject's token positions in "
+                                 "their prompts")
+            self.reader = SubjectMaskReader(self.unet, subject_positions, self.indices)
 
     @contextmanager
     def recording(self) -> Iterator[RecordedAnchors]:
         hooks = [layer.register_forward_pre_hook(self._recorder(name, layer)) for name, layer in self.layers]
         try:
-            yield self.record
+            if self.reader is None:
+                yield self.record
+            else:
+                with self.reader.reading():
+                    yield self.record
         finally:
             for hook in hooks:
                 hook.remove()
@@ -134,13 +274,21 @@ class AnchorRecorder:
             progress, halves = controller.layout.progress, controller.layout.halves
             if not self.settings.in_window(progress):
                 return  # the later run does not share at this step: nothing to keep
+            if self.reader is not None and not self.reader.masks.ready:
+                return  # no mask yet: the later run does not share at this step either
             x = args[0]  # (halves*R, N, C): self-attention input
-            k, v = (rearrange(f(x), "(k b) n (h d) -> k b h n d", k=halves, h=layer.heads)
-                    for f in (layer.to_k, layer.to_v))  # (halves, R, heads, N, d)
-            k, v = k[:, self.indices], v[:, self.indices]  # (halves, A, heads, N, d)
-            if self.dtype is not None:
-                k, v = k.to(self.dtype), v.to(self.dtype)
-            self.record.store(name, progress, k.contiguous(), v.contiguous())
+
+            def chosen(f) -> torch.Tensor:
+                t = rearrange(f(x), "(k b) n (h d) -> k b h n d", k=halves, h=layer.heads)  # (halves, R, heads, N, d)
+                t = t[:, self.indices]  # (halves, A, heads, N, d)
+                return t.to(self.dtype) if self.dtype is not None else t
+            entry = AnchorEntry(chosen(layer.to_k).contiguous(), chosen(layer.to_v).contiguous())
+            if self.reader is not None:
+                entry.mask = self.reader.masks.on_grid(self.reader.grid).clone()  # (A, N)
+            if self.settings.adain:
+                entry.q_statistics, entry.k_statistics = channel_statistics(chosen(layer.to_q)), \
+                    channel_statistics(entry.k)
+            self.record.store(name, progress, entry)
         return hook
 
 
@@ -151,7 +299,8 @@ OFF = SharedAttentionSettings(strength=float("-inf"))
 def record_bytes(unet: nn.Module, settings: SharedAttentionSettings, image_side: int, steps: int, halves: int,
                  anchors: int, bytes_per_value: int) -> int:
     """What `AnchorRecorder` keeps for `anchors` images of `image_side` px, computed from shapes alone:
-    per shared layer and step in the window, keys and values (2) x halves x anchors x N tokens x channels.
+    per shared layer and step in the window, keys and values (2) x halves x anchors x N tokens x channels
+    (subject masks and AdaIN statistics add N booleans and 4 x channels values: left out).
     A layer's tag level is its latent side at 512 px with f = 8 (SD v1's layout), so N = (level * side / 512)^2."""
     total = 0
     for _, layer in select_layers(unet, settings.groups):

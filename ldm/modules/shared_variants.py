@@ -31,13 +31,25 @@ PADDING_BIAS = -1000.0
 ADAIN_EPS = 1e-5
 
 
+def channel_statistics(t: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per-channel mean and std over the tokens (dim -2) of t (..., N, d): each (..., 1, d). The std is
+    the population one plus `ADAIN_EPS`, so a constant channel divides by a small number, not by 0."""
+    return t.mean(dim=-2, keepdim=True), t.std(dim=-2, keepdim=True, unbiased=False) + ADAIN_EPS
+
+
+def adain_transfer(t: torch.Tensor, statistics: tuple[torch.Tensor, torch.Tensor],
+                   target: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """t with its own (mean, std) `statistics` replaced by `target`'s (broadcast over the tokens)."""
+    (mean, std), (target_mean, target_std) = statistics, target
+    return (t - mean) / std * target_std + target_mean
+
+
 def adain_to_group_reference(t: torch.Tensor, halves: int) -> torch.Tensor:
     """AdaIN: every image's per-channel (per head and channel, over its tokens) mean and std set to those
     of the first image of its sharing group. t (B, heads, N, d) -> same; the reference is unchanged."""
     groups = rearrange(t, "(k b) h n d -> k b h n d", k=halves)  # (halves, G, heads, N, d)
-    mean = groups.mean(dim=3, keepdim=True)
-    std = groups.std(dim=3, keepdim=True, unbiased=False) + ADAIN_EPS
-    normalised = (groups - mean) / std * std[:, :1] + mean[:, :1]
+    mean, std = channel_statistics(groups)  # (halves, G, heads, 1, d) each
+    normalised = adain_transfer(groups, (mean, std), (mean[:, :1], std[:, :1]))
     normalised[:, 0] = groups[:, 0]  # the reference itself stays exactly as it was
     return rearrange(normalised, "k b h n d -> (k b) h n d")
 
