@@ -175,8 +175,10 @@ def level_64_breakdown(opt: argparse.Namespace) -> None:
     from ldm.modules.shared_attention import shared_batch_attention
     batch, heads, tokens, width = opt.batch, 8, 4096, 40
     g = torch.Generator().manual_seed(0)
-    q, k, v = (torch.randn(batch, heads, tokens, width, generator=g) for _ in range(3))  # (B, heads, N, d)
-    grouped = [t.permute(1, 0, 2, 3).reshape(1, heads, batch * tokens, width).contiguous() for t in (q, k, v)]
+    # As CrossAttention hands them over: views (B, heads, N, d) of the projections' (B, N, heads*d).
+    q, k, v = (torch.randn(batch, tokens, heads * width, generator=g).view(batch, tokens, heads, width)
+               .transpose(1, 2) for _ in range(3))
+    grouped = [t.transpose(0, 1).reshape(1, heads, batch * tokens, width).contiguous() for t in (q, k, v)]
     image = torch.randn(batch, heads * width, 64, 64, generator=g)
     conv = torch.nn.Conv2d(heads * width, heads * width, 3, padding=1).eval()
     scale = width ** -0.5
