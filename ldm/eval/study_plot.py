@@ -73,9 +73,8 @@ def read_means(results_csv: Path) -> list[ConfigurationMeans]:
     out = []
     for name in names:
         mine = [r for r in rows if r["configuration"] == name]
-        out.append(ConfigurationMeans(name, _mean([r[X_METRIC] for r in mine]), _mean([r[Y_METRIC] for r in mine]),
-                                      _mean([r["acc_subject"] for r in mine]), _mean([r["acc_specified"] for r in mine]),
-                                      _mean(timing.get(name, []))))
+        means = [_mean([r[column] for r in mine]) for column in (X_METRIC, Y_METRIC, *ALIGNMENT_METRICS)]
+        out.append(ConfigurationMeans(name, *means, sec_per_image=_mean(timing.get(name, []))))
     return out
 
 
