@@ -2,23 +2,28 @@
 
     python benchmarks/shared_attention_cost.py                 # 64x64 latents (512 px), fp32, CPU
     python benchmarks/shared_attention_cost.py --latent 32     # quicker
-    python benchmarks/shared_attention_cost.py --variants up,up@mask@drop=0.5 --memory   # the variants
+    python benchmarks/shared_attention_cost.py --variants up,up@mask,up@mask@drop=0.5,up@pooled,up@others \
+        --memory --threads 1                                   # issue 13's variants side by side
 
-For each group the measured time
-the measured time is divided by the plain forward's, timed in turns in the same run,
+For each group the measured time is divided by the plain forward's, timed in turns in the same run,
 and printed next to the FLOP-count prediction: a shared layer with N tokens, C channels and a sharing
 group of G images does 4*B*N*(G*N)*C attention FLOPs instead of 4*B*N*N*C (q.k and attention.v), so the
 extra is 4*B*N^2*C*(G-1) per selected layer; the plain total comes from torch's FlopCounterMode.
 
 `--variants` times configurations in the consistency harness's syntax (ldm/eval/configurations.py,
-e.g. `up@mask@drop=0.5`) instead of the groups, against the plain forward and plain sharing of the
-same groups, in turns in the same run. With random weights there are no subject words: every image's
-subject is text token 2, whose cross-attention map (random, Otsu-thresholded as always) gives the
-mask; the share of tokens the masks keep is printed. A masked candidate's controller is entered once
-untimed to make its first mask, which each timed call then starts from (as in steps 2.. of a run).
-`--memory` adds the peak RSS of one forward of each candidate, each in a fresh process (peak RSS
-cannot be reset), as the ratio to the plain forward's: of the whole process (weights included) and of
-the growth during the forward beyond the built model and its inputs.
+e.g. `up@mask@drop=0.5`) instead of the groups, against the plain forward (`off`, always run first),
+in turns in the same run; list `up` too to compare with plain sharing of the same layers. With random
+weights there are no subject words: every image's subject is text token 2 (`SUBJECT_TOKEN`), whose
+cross-attention map (random, Otsu-thresholded as always) gives the mask; the share of tokens the
+masks keep is printed. The map of a first model call is made once, untimed; every timed call of a
+masked candidate starts from the masks it gives, as at step 2 of a run. `--memory` adds the peak RSS
+of one forward of each candidate, each in a fresh process (peak RSS cannot be reset; a masked one is
+handed the saved map, so no other forward runs before it), as the ratio to the plain forward's: of the
+whole process (weights included) and of the growth during the forward beyond the built model and its
+inputs.
+
+`--breakdown` times the attention of one 64-level layer alone (why the 64 level costs more time than
+its FLOPs predict; benchmarks/RESULTS.md).
 """
 from __future__ import annotations
 
@@ -27,13 +32,18 @@ import json
 import resource
 import subprocess
 import sys
+import tempfile
+from pathlib import Path
+from typing import Optional
 
 import torch
 from torch.utils.flop_counter import FlopCounterMode
 
 from _common import sd_unet, time_alternately, unet_inputs
 from ldm.eval.configurations import parse_configuration
-from ldm.modules.shared_attention import SharedAttention, batch_layout, select_layers, shared_attention
+from ldm.modules.shared_attention import (SharedAttention, SharedAttentionSettings, batch_layout, select_layers,
+                                          shared_attention)
+from ldm.modules.subject_masks import SubjectMasks
 
 GROUPS = ["all", "down", "mid", "up", "64", "32", "16"]
 
@@ -52,29 +62,50 @@ def layer_geometry(unet: torch.nn.Module, latent: int) -> dict[str, tuple[int, i
     return geometry
 
 
+# With random weights there are no subject words: every image's subject is text token 2 (the first
+# word after the start token of a prompt like "a chair ...": the token after "a").
 SUBJECT_TOKEN = 2
 
 
-def variant_forward(unet: torch.nn.Module, spec: str, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor):
+def first_call_map(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
+    """The subject token's cross-attention map (B, h, w) that a first model call leaves for the masks of the
+    second: one untimed forward with subject masks (it shares nothing: no mask exists yet)."""
+    positions = [(SUBJECT_TOKEN,)] * x.shape[0]
+    controller = SharedAttention(unet, SharedAttentionSettings(groups=("up",), subject=("subject",)),
+                                 subject_positions=positions)
+    with controller:
+        unet(x, t, context=context)
+        masks = controller.masks
+    masks.new_call()
+    return masks.history[-1]
+
+
+def masks_after_first_call(first_map: torch.Tensor) -> SubjectMasks:
+    """Subject masks as at the second step of a run: made from the first call's map."""
+    masks = SubjectMasks([(SUBJECT_TOKEN,)] * first_map.shape[0])
+    masks.history.append(first_map)
+    masks.new_call()
+    return masks
+
+
+def variant_forward(unet: torch.nn.Module, spec: str, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                    first_map: Optional[torch.Tensor]):
     """A call running one forward of configuration `spec` ('off' = plain), and the share of tokens its
-    masks keep (None without masks). A masked controller's first mask is made here, untimed."""
+    masks keep (None without masks). Every call of a masked configuration starts from the masks the
+    first call's map makes (`first_map`), as at step 2 of a run, so every timed call is the same."""
     settings = parse_configuration(spec).sharing
     if settings is None:
         return (lambda: unet(x, t, context=context)), None
     positions = [(SUBJECT_TOKEN,)] * x.shape[0]
     controller = SharedAttention(unet, settings, subject_positions=positions if settings.subject else None, seed=0)
-    saved, share = None, None
+    share = None
     if settings.subject:
-        with controller:
-            unet(x, t, context=context)  # the first call reads the cross-attention, shares nothing
-            saved = controller.masks
-        saved.new_call()
-        share = saved.latent_mask().float().mean().item()
+        share = masks_after_first_call(first_map).latent_mask().float().mean().item()
 
     def run():
         with controller:
-            if saved is not None:
-                controller.masks = saved
+            if settings.subject:
+                controller.masks = masks_after_first_call(first_map)
             return unet(x, t, context=context)
     return run, share
 
@@ -83,12 +114,14 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # KiB on Linux
 
 
-def child_memory(spec: str, batch: int, latent: int) -> None:
-    """In a fresh process: print JSON {before, peak} MB around one forward of `spec`."""
+def child_memory(spec: str, batch: int, latent: int, map_path: Optional[str]) -> None:
+    """In a fresh process: print JSON {before, peak} MB around one forward of `spec` (a masked one from
+    the first call's map the parent saved at `map_path`, so no other forward runs before it)."""
     unet = sd_unet()
     x, t, context = unet_inputs(batch, latent)
+    first_map = torch.load(map_path) if map_path else None
     with torch.no_grad(), batch_layout(unet, halves=1):
-        run, _ = variant_forward(unet, spec, x, t, context)
+        run, _ = variant_forward(unet, spec, x, t, context, first_map)
         before = peak_rss_mb()
         run()
     print(json.dumps({"before": before, "peak": peak_rss_mb()}))
@@ -98,15 +131,24 @@ def variants_table(opt: argparse.Namespace) -> None:
     specs = ["off", *[s for s in opt.variants.split(",") if s and s != "off"]]
     unet = sd_unet()
     x, t, context = unet_inputs(opt.batch, opt.latent)
+    masked = [spec for spec in specs if spec != "off" and parse_configuration(spec).sharing.subject]
     with torch.no_grad(), batch_layout(unet, halves=1):
-        prepared = {spec: variant_forward(unet, spec, x, t, context) for spec in specs}
+        first_map = first_call_map(unet, x, t, context) if masked else None
+        prepared = {spec: variant_forward(unet, spec, x, t, context, first_map) for spec in specs}
         medians = time_alternately({spec: run for spec, (run, _) in prepared.items()}, repeats=opt.repeats)
     memory = {}
     if opt.memory:
-        for spec in specs:
-            command = [sys.executable, __file__, "--child-memory", spec, "--batch", str(opt.batch),
-                       "--latent", str(opt.latent), "--threads", str(torch.get_num_threads())]
-            memory[spec] = json.loads(subprocess.run(command, check=True, capture_output=True, text=True).stdout)
+        with tempfile.TemporaryDirectory() as folder:
+            map_path = str(Path(folder) / "first_map.pt")
+            if first_map is not None:
+                torch.save(first_map, map_path)
+            for spec in specs:
+                command = [sys.executable, __file__, "--child-memory", spec, "--batch", str(opt.batch),
+                           "--latent", str(opt.latent), "--threads", str(torch.get_num_threads())]
+                if spec in masked:
+                    command += ["--child-map", map_path]
+                memory[spec] = json.loads(subprocess.run(command, check=True, capture_output=True,
+                                                         text=True).stdout)
     print(f"Sharing variants: full SD v1 UNet, fp32 CPU, batch {opt.batch} (one sharing group), "
           f"{opt.latent}x{opt.latent} latents, {torch.get_num_threads()} threads, {opt.repeats} alternating repeats")
     print(f"plain forward: {medians['off']:.2f} s")
@@ -124,6 +166,43 @@ def variants_table(opt: argparse.Namespace) -> None:
         print(row)
 
 
+def level_64_breakdown(opt: argparse.Namespace) -> None:
+    """The attention of one SD v1 64-level self-attention layer at 512 px (B images, 8 heads of 40 channels,
+    4096 tokens) alone, plain and shared, next to a 3x3 convolution of that level (what most of a plain
+    forward's FLOPs are), as seconds and GFLOP/s: whether shared attention's extra time follows its FLOPs,
+    and how fast attention FLOPs run against the rest of the UNet's."""
+    from torch.nn import functional as F
+    from ldm.modules.shared_attention import shared_batch_attention
+    batch, heads, tokens, width = opt.batch, 8, 4096, 40
+    g = torch.Generator().manual_seed(0)
+    # As CrossAttention hands them over: views (B, heads, N, d) of the projections' (B, N, heads*d).
+    q, k, v = (torch.randn(batch, tokens, heads * width, generator=g).view(batch, tokens, heads, width)
+               .transpose(1, 2) for _ in range(3))
+    grouped = [t.transpose(0, 1).reshape(1, heads, batch * tokens, width).contiguous() for t in (q, k, v)]
+    image = torch.randn(batch, heads * width, 64, 64, generator=g)
+    conv = torch.nn.Conv2d(heads * width, heads * width, 3, padding=1).eval()
+    scale = width ** -0.5
+    plain_flops = attention_flops(tokens, heads * width, batch, tokens)
+    candidates = {
+        "plain attention (B, 8, 4096, 40)": (lambda: F.scaled_dot_product_attention(q, k, v), plain_flops),
+        "shared, one fused call on pre-grouped inputs": (lambda: F.scaled_dot_product_attention(*grouped),
+                                                         plain_flops * batch),
+        "shared, our path (regroup, attend, regroup back)": (
+            lambda: shared_batch_attention(q, k, v, halves=1, mode="all", anchors=1, strength=0.0, scale=scale),
+            plain_flops * batch),
+        "3x3 convolution 320->320 at 64x64": (lambda: conv(image), 2 * batch * 64 * 64 * (heads * width) ** 2 * 9),
+    }
+    with torch.no_grad():
+        medians = time_alternately({name: fn for name, (fn, _) in candidates.items()}, repeats=opt.repeats)
+    print(f"One 64-level layer at 512 px, batch {batch}, fp32 CPU, {torch.get_num_threads()} threads, "
+          f"{opt.repeats} alternating repeats")
+    reference = medians["plain attention (B, 8, 4096, 40)"]
+    print(f"{'candidate':<50} {'seconds':>8} {'/ plain attn':>12} {'GFLOP/s':>8}")
+    for name, (_, flops) in candidates.items():
+        seconds = medians[name]
+        print(f"{name:<50} {seconds:>8.3f} {seconds / reference:>12.3f} {flops / seconds / 1e9:>8.1f}")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--batch", type=int, default=4)
@@ -133,12 +212,16 @@ def main() -> None:
     parser.add_argument("--variants", type=str, default=None,
                         help="comma-separated configurations (harness syntax) to time instead of the groups")
     parser.add_argument("--memory", action="store_true", help="with --variants: peak memory, fresh process each")
+    parser.add_argument("--breakdown", action="store_true", help="time one 64-level layer's attention alone")
     parser.add_argument("--child-memory", type=str, default=None, help=argparse.SUPPRESS)
+    parser.add_argument("--child-map", type=str, default=None, help=argparse.SUPPRESS)
     opt = parser.parse_args()
     if opt.threads:
         torch.set_num_threads(opt.threads)
     if opt.child_memory is not None:
-        return child_memory(opt.child_memory, opt.batch, opt.latent)
+        return child_memory(opt.child_memory, opt.batch, opt.latent, opt.child_map)
+    if opt.breakdown:
+        return level_64_breakdown(opt)
     if opt.variants is not None:
         return variants_table(opt)
     unet = sd_unet()

@@ -129,9 +129,10 @@ def build_request(opt: argparse.Namespace) -> EvalRequest:
     ckpt_path = check_checkpoint(opt)
     configurations = resolve_configurations(opt.configs.split(","), spec.unet)
     sampling = Sampling(opt.steps, opt.scale, opt.set_size, opt.precision)
-    for configuration in configurations:  # e.g. a step window that selects none of --steps
-        try:
-            sampling.request(prompts[0], 0, configuration.sharing).check_for(spec)
+    for configuration in configurations:  # e.g. a step window that selects none of --steps, or a prompt
+        try:  # set without the subject words (every set: a failure after an hour of sets would waste it)
+            for prompt in prompts:
+                sampling.request(prompt, 0, configuration.sharing).check_for(spec)
         except InvalidValue as error:
             if not error.field.startswith("sharing"):
                 raise

@@ -7,6 +7,7 @@ of 2, on the CPU with one thread.
 """
 from __future__ import annotations
 
+import contextlib
 import csv
 import json
 import math
@@ -28,6 +29,8 @@ from ldm.eval.metrics_v2 import (ATTRIBUTES, WORLD_V2_METRICS, colour_histogram,
 from ldm.eval.prompt_sets import WORLD_V2_PROMPTS, generation_prompt, image_prompts, story_parts
 from ldm.eval.scene_classifier import SceneClassifier, SceneClassifierConfig, save_scene_classifier
 from ldm.eval.segmenter import SegmenterConfig, SubjectSegmenter, save_segmenter
+from ldm.eval.subject_mask_iou import MaskRecorder, step_buckets, step_ious
+from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings, batch_layout
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_CONFIG, load_script, randomize_
 
@@ -315,3 +318,91 @@ def test_stories_and_segmenter_need_world_v2(files, tmp_path, capsys):
     v1[v1.index("--classifier") + 1] = str(files / "classifier.safetensors")
     v1[v1.index("--prompts") + 1] = str(tmp_path / "story.txt")
     assert "story" in run_cli(v1, capsys)
+
+
+# ----------------------------------------------------------------------------- sharing's subject masks
+
+
+def test_step_iou_of_hand_made_masks():
+    """8x8 pixels, a 4x4 latent grid (a cell covers 2x2 pixels). Image 0's segmenter mask fills the
+    top-left 4x4 pixels = latent cells rows 0-1, cols 0-1; image 1's is empty, so it is left out."""
+    segmented = torch.zeros(2, 8, 8, dtype=torch.bool)
+    segmented[0, :4, :4] = True
+    segmented[0, 4, 0:2] = True  # 2 of the 4 pixels of cell (2, 0): half covered counts as subject
+    top_row = torch.zeros(2, 4, 4, dtype=torch.bool)
+    top_row[:, 0, :] = True  # cells (0, 0..3): 2 shared with the segmenter's 5 cells, union 7
+    exact = torch.zeros(2, 4, 4, dtype=torch.bool)
+    exact[:, :2, :2] = True
+    exact[:, 2, 0] = True
+    ious = step_ious([None, top_row, exact, torch.zeros(2, 4, 4, dtype=torch.bool)], segmented)
+    assert math.isnan(ious[0])  # no mask at the first step
+    assert ious[1:] == [pytest.approx(2 / 7), 1.0, 0.0]
+    assert all(math.isnan(v) for v in step_ious([exact], torch.zeros(2, 8, 8, dtype=torch.bool)))
+
+
+def test_step_buckets_split_the_steps_in_order():
+    assert step_buckets(25) == [list(range(i, i + 5)) for i in range(0, 25, 5)]
+    assert step_buckets(3) == [[0], [1], [2]] and step_buckets(7) == [[0, 1], [2, 3], [4], [5], [6]]
+
+
+def test_recorder_keeps_each_calls_mask_and_changes_nothing(tiny_model):
+    unet = tiny_model.model.diffusion_model
+    g = torch.Generator().manual_seed(0)
+    x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.full((2,), 500), torch.randn(2, 77, 32, generator=g)
+    settings = SharedAttentionSettings(groups=("up",), subject=("chair",))
+
+    def three_calls(record: bool):
+        controller = SharedAttention(unet, settings, subject_positions=[(2,), (2,)])
+        recorder = MaskRecorder(unet)
+        with torch.no_grad(), controller, batch_layout(unet, halves=1):
+            with recorder if record else contextlib.nullcontext():
+                outputs = [unet(x, t, context=context) for _ in range(3)]
+        return outputs, recorder.steps
+
+    recorded, steps = three_calls(record=True)
+    plain, nothing = three_calls(record=False)
+    assert all(torch.equal(a, b) for a, b in zip(recorded, plain)) and nothing == []
+    assert steps[0] is None and len(steps) == 3
+    assert all(m.dtype == torch.bool and m.shape == (2, 8, 8) for m in steps[1:])
+    with torch.no_grad(), MaskRecorder(unet) as unshared:  # no sharing active: nothing recorded
+        unet(x, t, context=context)
+    assert unshared.steps == []
+
+
+@pytest.fixture(scope="module")
+def masked_run(tiny_model, files, tmp_path_factory) -> Path:
+    args = world_args(files)
+    args[args.index("--configs") + 1] = "off,up@mask"
+    args[args.index("--steps") + 1] = "3"
+    return eval_script.main([*args, "--outdir", str(tmp_path_factory.mktemp("masked") / "out")])
+
+
+def test_mask_iou_per_step_is_written_for_configurations_with_masks(masked_run):
+    rows = read_csv(masked_run / "mask_iou.csv")
+    assert [(r["configuration"], r["seed"], r["step"]) for r in rows] == [
+        ("up@mask", seed, step) for seed in ("0", "1") for step in ("0", "1", "2")]
+    assert all(r["mask_iou"] == "" for r in rows if r["step"] == "0")  # no mask before the second step
+    later = [r["mask_iou"] for r in rows if r["step"] != "0"]
+    assert all(v == "" or 0.0 <= float(v) <= 1.0 for v in later) and any(v != "" for v in later)
+    report = (masked_run / "results.md").read_text()
+    section = report.split("Subject masks of sharing against the subject segmenter")[1]
+    assert "| `up@mask` | – |" in section and "`off`" not in section.split("\n\n")[1]
+    assert "mask_iou.csv" in json.loads((masked_run / "summary.json").read_text())["files"]
+
+
+def test_mask_iou_is_reproducible(masked_run, tiny_model, files, tmp_path):
+    args = world_args(files)
+    args[args.index("--configs") + 1] = "off,up@mask"
+    args[args.index("--steps") + 1] = "3"
+    again = eval_script.main([*args, "--outdir", str(tmp_path / "again")])
+    assert (again / "mask_iou.csv").read_bytes() == (masked_run / "mask_iou.csv").read_bytes()
+
+
+def test_a_prompt_set_without_the_subject_is_refused_before_anything_runs(files, tmp_path, capsys):
+    (tmp_path / "rooms.txt").write_text("a chair\na green room\n")  # the second set names no subject
+    args = world_args(files)
+    args[args.index("--prompts") + 1] = str(tmp_path / "rooms.txt")
+    args[args.index("--configs") + 1] = "off,up@mask"
+    error = run_cli([*args, "--outdir", str(tmp_path / "out")], capsys)
+    assert error.startswith("error: --configs up@mask") and "'a green room'" in error
+    assert not (tmp_path / "out").exists()

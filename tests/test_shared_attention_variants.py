@@ -314,7 +314,8 @@ def test_generation_with_subject_masks_records_every_option_in_the_metadata(tiny
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("up@mask@drop=0.5", dict(groups=("up",), subject=("chair", "table", "lamp", "vase"), dropout=0.5)),
+    ("up@mask@drop=0.5", dict(groups=("up",), subject=("chair", "table", "lamp", "vase", "face"),
+                               dropout=0.5)),
     ("up@subject=chair/lamp@adain", dict(groups=("up",), subject=("chair", "lamp"), adain=True)),
     ("up@pooled", dict(groups=("up",), mode="pooled")),
     ("all@mean", dict(mode="mean")),

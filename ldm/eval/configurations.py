@@ -12,7 +12,7 @@ from typing import Any, Optional, Sequence
 
 import torch
 
-from ldm.data.synthetic import CLASSES
+from ldm.data.world import SUBJECTS
 from ldm.errors import InvalidValue
 from ldm.modules.shared_attention import PATHS, SharedAttentionSettings, select_layers, valid_group_names
 
@@ -29,9 +29,10 @@ class Configuration:
 
 
 CONFIGURATION_SYNTAX = ("GROUPS[@OPTION...]: GROUPS joined by '+' (all, down, mid, up, up.32, 32, ...), OPTION "
-                        "START:END (step window), s=STRENGTH, anchor or anchor=K, mask (subject masks of the "
-                        "synthetic world's class nouns), subject=WORD/WORD, drop=P (shared-token dropout), adain, "
-                        "others, pooled or mean (modes); or 'off', 'anchor' (= all@anchor=1), 'default' (the default list)")
+                        "START:END (step window), s=STRENGTH, anchor or anchor=K, mask (subject masks of the demo "
+                        "worlds' subject nouns: chair, table, lamp, vase, face), subject=WORD/WORD, drop=P "
+                        "(shared-token dropout), adain, others, pooled or mean (modes); or 'off', 'anchor' "
+                        "(= all@anchor=1), 'default' (the default list)")
 
 
 def parse_configuration(spec: str) -> Configuration:
@@ -51,7 +52,7 @@ def parse_configuration(spec: str) -> Configuration:
             elif option == "anchor" or option.startswith("anchor="):
                 values["mode"], values["anchors"] = "anchor", int(option.partition("=")[2] or 1)
             elif option == "mask":
-                values["subject"] = tuple(CLASSES)
+                values["subject"] = tuple(SUBJECTS)  # v1's four classes and v2's face: every default prompt
             elif option.startswith("subject="):
                 values["subject"] = tuple(w for w in option[len("subject="):].split("/") if w)
             elif option.startswith("drop="):

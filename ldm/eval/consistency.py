@@ -43,6 +43,7 @@ The parts, each in its own module of `ldm.eval`:
 """
 from __future__ import annotations
 
+import json
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
@@ -115,6 +116,17 @@ def _instrument(request: EvalRequest, device: torch.device) -> Any:
     return AttributeInstrument(load_attribute_classifier(request.classifier_path, device=device), device)
 
 
+def segmenter_iou(segmenter_path: Path) -> Optional[dict[str, float]]:
+    """The segmenter's IoU against the renderer's masks on held-out renders, {"clean", "degraded"}, from
+    the instruments.json scripts/train_world_instruments.py writes beside it; None where it is missing."""
+    record = Path(segmenter_path).parent / "instruments.json"
+    try:
+        values = json.loads(record.read_text(encoding="utf-8"))["segmenter_iou"]
+        return {kind: float(values[kind]) for kind in ("clean", "degraded")}
+    except (OSError, ValueError, KeyError, TypeError):
+        return None
+
+
 def _notes(request: EvalRequest) -> list[str]:
     notes = []
     if len(request.seeds) < 3:
@@ -175,6 +187,8 @@ def evaluate(request: EvalRequest) -> Optional[Path]:
                 "precision": precision_used(request.sampling.precision, group.device), "threads": request.threads,
                 "processes": group.world_size, "torch": torch.__version__, "world": request.world,
             }
+            if request.world == "v2":
+                run_info["segmenter_iou"] = segmenter_iou(request.segmenter_path or WORLD_V2_SEGMENTER)
             write_report(Path(folder), results, request.configurations, run_info, _notes(request),
                          runner.instrument.metric_set)
             return Path(folder)

@@ -62,11 +62,15 @@ class WorldInstrument:
         self.classifier, self.segmenter = classifier.to(device).eval(), segmenter.to(device).eval()
         self.device = device
 
+    def segment(self, images: Sequence[Image.Image]) -> torch.Tensor:
+        """The segmenter's subject masks (B, H, W) bool, on the CPU."""
+        return self.segmenter.predict(images_to_tensor(images).to(self.device)).cpu()
+
     def measure(self, line: str, images: Sequence[Image.Image]) -> tuple[dict[str, float], dict[str, list[str]]]:
         """(metrics, predicted labels per attribute, '' where the subject lacks it) of one set."""
         x = images_to_tensor(images).to(self.device)
         predictions = self.classifier.predict(x)
-        masks = self.segmenter.predict(x).cpu().numpy()  # (B, H, W) bool
+        masks = self.segment(images).numpy()  # (B, H, W) bool
         pixels = np.stack([np.asarray(image.convert("RGB")) for image in images])  # (B, H, W, 3) uint8
         metrics = world_metrics(image_prompts(line, len(images)), predictions, masks, pixels)
         with torch.no_grad():

@@ -9,6 +9,7 @@ prompt file: one prompt for every image, or a story with one per image (`ldm.eva
 """
 from __future__ import annotations
 
+import contextlib
 import io
 import math
 import sys
@@ -21,6 +22,7 @@ from PIL import Image
 
 from ldm.eval.configurations import Configuration
 from ldm.eval.prompt_sets import generation_prompt
+from ldm.eval.subject_mask_iou import MaskRecorder, step_ious
 from ldm.generation.generate import generate
 from ldm.generation.model import LoadedModel
 from ldm.generation.request import GenerationRequest
@@ -59,6 +61,8 @@ class SetResult:
     seconds: float
     peak_memory_mb: float
     images_png: list[bytes] = field(default_factory=list)  # only for the seed shown in the grids
+    # With subject masks and a segmenter: per step, the IoU of the sharing masks (ldm.eval.subject_mask_iou).
+    mask_iou_by_step: list[float] = field(default_factory=list)
 
 
 @dataclass(frozen=True)
@@ -117,17 +121,29 @@ class SetRunner:
         """One short untimed run, so the first configuration's time does not include first-call costs."""
         self.images(prompt, image_seeds(0, self.sampling.set_size)[0], None, steps=1)
 
+    def records_masks(self, sharing: Optional[SharedAttentionSettings]) -> bool:
+        """Whether a job's subject masks are recorded: with subject words and an instrument that segments."""
+        return sharing is not None and bool(sharing.subject) and hasattr(self.instrument, "segment")
+
     def run(self, job: Job, keep_images: bool) -> SetResult:
         seeds = image_seeds(job.seed, self.sampling.set_size)
+        sharing = self.sharing[job.configuration]
+        recorder = MaskRecorder(self.model.module) if self.records_masks(sharing) else None
         reset_peak_memory(self.device)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
         start = time.perf_counter()
-        images = self.images(job.prompt, seeds[0], self.sharing[job.configuration])
+        with recorder if recorder is not None else contextlib.nullcontext():
+            images = self.images(job.prompt, seeds[0], sharing)
         if self.device.type == "cuda":
             torch.cuda.synchronize(self.device)
-        seconds = time.perf_counter() - start
+        seconds = time.perf_counter() - start  # the recorder's copy of one small mask per step is included
         memory = peak_memory_mb(self.device)
         metrics, labels = self.instrument.measure(job.prompt, images)
+        ious = []
+        if recorder is not None:
+            if len(recorder.steps) != self.sampling.steps:  # DDIM: one model call per step
+                raise RuntimeError(f"recorded {len(recorder.steps)} subject masks for {self.sampling.steps} steps")
+            ious = step_ious(recorder.steps, self.instrument.segment(images))
         return SetResult(job, seeds, metrics, labels, seconds, memory,
-                         [png_bytes(image) for image in images] if keep_images else [])
+                         [png_bytes(image) for image in images] if keep_images else [], ious)

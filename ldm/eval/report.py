@@ -2,9 +2,9 @@
 
 Per (configuration, seed) each metric is averaged over the prompt sets; per configuration the report
 gives mean and sample std (ddof 1) over seeds, and, when 'off' was run, each configuration's change
-from 'off' paired by seed. Writes results.md, results.csv, sets.csv, timing.csv,
-summary.json and one labelled image grid per configuration, never overwriting a file. NaN (a value
-that does not apply) is an empty CSV cell, null in JSON and '–' in markdown. Which metrics are
+from 'off' paired by seed. Writes results.md, results.csv, sets.csv, timing.csv, summary.json,
+mask_iou.csv (with subject masks) and one labelled image grid per configuration, never overwriting a
+file. NaN (a value that does not apply) is an empty CSV cell, null in JSON and '–' in markdown. Which metrics are
 written, shown and paired is the instrument's `ldm.eval.metrics.MetricSet`.
 """
 from __future__ import annotations
@@ -23,6 +23,7 @@ from PIL import Image
 from ldm.eval.configurations import Configuration
 from ldm.eval.jobs import SEED_STRIDE, SetResult
 from ldm.eval.metrics import SYNTHETIC_METRICS, TIMING, MetricSet, finite_mean
+from ldm.eval.subject_mask_iou import markdown_section, per_seed_rows
 from ldm.generation import image_grid
 
 
@@ -161,7 +162,8 @@ def _detail_table(summary: Mapping[str, dict], configurations: Sequence[Configur
 
 def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Configuration],
                     run_info: Mapping[str, Any], notes: Sequence[str],
-                    changes: Mapping[str, dict] | None = None, metric_set: MetricSet = SYNTHETIC_METRICS) -> str:
+                    changes: Mapping[str, dict] | None = None, metric_set: MetricSet = SYNTHETIC_METRICS,
+                    mask_lines: Sequence[str] = ()) -> str:
     shown = [m for m in metric_set.report_columns
              if any(not math.isnan(summary[c.name][m]["mean"]) for c in configurations)]
     header = ["configuration", *shown, "s / image", "peak MB"]
@@ -179,7 +181,7 @@ def markdown_report(summary: Mapping[str, dict], configurations: Sequence[Config
         lines.append("| " + " | ".join(cells) + " |")
     lines += ["", "Mean ± std over seeds; a seed's value is the mean over its prompt sets."]
     lines += [*_changes_table(changes or {}, configurations, metric_set.paired_columns)]
-    lines += [*_detail_table(summary, configurations, metric_set.detail_columns), ""]
+    lines += [*_detail_table(summary, configurations, metric_set.detail_columns), *mask_lines, ""]
     lines += [f"- `{m}`: {metric_set.descriptions[m]}" for m in shown]
     lines += ["- `s / image`: " + TIMING["sec_per_image"], "- `peak MB`: " + TIMING["peak_memory_mb"]]
     if notes:
@@ -195,7 +197,8 @@ def write_report(outdir: Path, results: Sequence[SetResult], configurations: Seq
                  run_info: Mapping[str, Any], notes: Sequence[str], metric_set: MetricSet = SYNTHETIC_METRICS
                  ) -> list[Path]:
     """results.md, results.csv (quality, per configuration x seed), sets.csv (per set), timing.csv,
-    summary.json and one labelled grid per configuration; returns the paths written."""
+    summary.json, with subject masks measured mask_iou.csv (per configuration x seed x step;
+    `ldm.eval.subject_mask_iou`), and one labelled grid per configuration; returns the paths written."""
     results = sorted(results, key=lambda r: r.job.index)
     seeds = list(run_info["seeds"])
     seed_rows = per_seed(results, configurations, seeds, metric_set)
@@ -205,13 +208,18 @@ def write_report(outdir: Path, results: Sequence[SetResult], configurations: Seq
     paths = {name: outdir / name for name in ("results.md", "results.csv", "sets.csv", "timing.csv", "summary.json")}
     write_csv(paths["results.csv"], seed_rows, ["configuration", "seed", *metrics])
     write_csv(paths["timing.csv"], seed_rows, ["configuration", "seed", *TIMING])
+    mask_rows = per_seed_rows(results, configurations, seeds)
+    if mask_rows:
+        paths["mask_iou.csv"] = outdir / "mask_iou.csv"
+        write_csv(paths["mask_iou.csv"], mask_rows, ["configuration", "seed", "step", "mask_iou"])
     label_names = sorted({name for r in results for name in r.labels})
     set_rows = [{"configuration": r.job.configuration, "seed": r.job.seed, "set": r.job.set_index,
                  "prompt": r.job.prompt, "image_seeds": " ".join(map(str, r.image_seeds)), **r.metrics,
                  **{f"labels_{n}": "|".join(r.labels.get(n, [])) for n in label_names}} for r in results]
     write_csv(paths["sets.csv"], set_rows, ["configuration", "seed", "set", "prompt", "image_seeds", *metrics,
                                             *(f"labels_{n}" for n in label_names)])
-    report = markdown_report(summary, configurations, run_info, notes, changes, metric_set)
+    report = markdown_report(summary, configurations, run_info, notes, changes, metric_set,
+                             markdown_section(mask_rows, run_info.get("segmenter_iou")))
     paths["results.md"].write_text(report, encoding="utf-8")
     grids = []
     for position, configuration in enumerate(configurations):

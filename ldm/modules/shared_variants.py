@@ -8,11 +8,11 @@ The gathered kernel
 Subject masks, dropout, "others" and "pooled" all decide, for each query image i, which tokens of
 which other images it sees. Rather than masking a (B*N) x (B*N) problem, each image j *offers* a
 gathered set of tokens (its masked / kept / pooled keys and values, M_j of them), and each query image
-i attends to [its own N tokens (not in "others"); the offers of the images it sees]. The per-image key
-sets have different lengths, so they are padded to the longest; padding, and the `strength` bias on
-offered tokens, enter as one extra query/key channel (query 1, key bias / scale) rather than as a mask,
-so the fused attention kernels still apply and memory stays linear in the tokens actually seen. What
-is dropped or masked is never computed: this is where dropout and masks save time.
+i attends to [its own N tokens (not in "others"); the offers of the images it sees]. Where the key sets
+have different lengths, each query image is its own attention call over exactly its keys (no padding);
+the `strength` bias on offered tokens enters as one extra query/key channel (query 1, key bias / scale)
+rather than as a mask, so the fused attention kernels still apply and memory stays linear in the tokens
+actually seen. What is dropped or masked is never computed: this is where dropout and masks save time.
 """
 from __future__ import annotations
 
@@ -25,9 +25,6 @@ from einops import rearrange
 
 from ldm.modules.attention_kernel import memory_linear_attention
 
-# A logit bias this negative gives exactly 0 in a float32 softmax (e^-1000 == 0) yet stays finite, so
-# 0 * bias is never NaN and the key channel bias / scale stays representable in float16.
-PADDING_BIAS = -1000.0
 ADAIN_EPS = 1e-5
 
 
@@ -91,34 +88,43 @@ def attend_own_and_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, of
                            strength: float, scale: float) -> torch.Tensor:
     """Query image i attends to [own k_i, v_i (if `include_own`); offered_k[j], offered_v[j] for j in
     seen[i]], with `strength` added to the offered tokens' logits. q, k, v (B, heads, N, d); offers
-    (heads, M_j, d). Returns (B, heads, N, d). Every query image must see at least one token."""
+    (heads, M_j, d). Returns (B, heads, N, d). Every query image must see at least one token.
+
+    When every image sees as many keys (no masks or dropout) the batch is one attention call. Otherwise
+    each query image is its own call over exactly its L_i keys: padding the key sets to the longest
+    would cost attention FLOPs on keys that are then switched off, and the stacked, padded copies of
+    the keys and values (B x longest, plus a wider copy for the padding channel) would raise the peak
+    memory of the layer by several times its keys and values."""
     batch, heads, _, d = q.shape
-    keys, values, biases = [], [], []
+    keys, values = [], []
     for i in range(batch):
         parts_k = ([k[i]] if include_own else []) + [offered_k[j] for j in seen[i]]
         parts_v = ([v[i]] if include_own else []) + [offered_v[j] for j in seen[i]]
-        own = k.shape[2] if include_own else 0
-        total = sum(p.shape[1] for p in parts_k)
-        if total == 0:
+        if sum(p.shape[1] for p in parts_k) == 0:
             raise ValueError(f"image {i} would attend to no token at all; keep its own tokens or offer some")
-        keys.append(torch.cat(parts_k, dim=1))  # (heads, L_i, d)
-        values.append(torch.cat(parts_v, dim=1))
-        biases.append(torch.cat([q.new_zeros(own), q.new_full((total - own,), strength)]))  # (L_i,)
-    longest = max(t.shape[1] for t in keys)
-    padded = any(t.shape[1] != longest for t in keys)
-    k_all = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[1])) for t in keys])  # (B, heads, L, d)
-    v_all = torch.stack([F.pad(t, (0, 0, 0, longest - t.shape[1])) for t in values])  # (B, heads, L, d)
-    if strength == 0.0 and not padded:
+        keys.append(parts_k)
+        values.append(parts_v)
+    own = k.shape[2] if include_own else 0
+    lengths = [sum(p.shape[1] for p in parts) for parts in keys]
+    if len(set(lengths)) == 1 and (strength == 0.0 or lengths[0] == own):
+        k_all = torch.stack([torch.cat(parts, dim=1) for parts in keys])  # (B, heads, L, d)
+        v_all = torch.stack([torch.cat(parts, dim=1) for parts in values])
         return memory_linear_attention(q, k_all, v_all, scale=scale)
-    bias = torch.stack([F.pad(b, (0, longest - b.shape[0]), value=PADDING_BIAS) for b in biases])  # (B, L)
-    # One extra channel: query 1, key bias / scale, so scale * (q_extra . k_extra) = bias.
-    width = 8 * math.ceil((d + 1) / 8)  # one multiple of 8 for every head dimension: fused kernels apply
-    q_extra = q.new_ones(batch, heads, q.shape[2], 1)
-    k_extra = (bias / scale)[:, None, :, None].expand(-1, heads, -1, -1)  # (B, heads, L, 1)
-    q_in = F.pad(torch.cat([q, q_extra], dim=-1), (0, width - d - 1))
-    k_in = F.pad(torch.cat([k_all, k_extra], dim=-1), (0, width - d - 1))
-    v_in = F.pad(v_all, (0, width - d))
-    return memory_linear_attention(q_in, k_in, v_in, scale=scale)[..., :d]
+    out = q.new_empty(q.shape)  # (B, heads, N, d)
+    for i in range(batch):
+        k_i, v_i = torch.cat(keys[i], dim=1)[None], torch.cat(values[i], dim=1)[None]  # (1, heads, L_i, d)
+        q_i = q[i:i + 1]
+        if strength != 0.0 and lengths[i] > own:
+            # One extra channel: query 1, key 0 (own) or strength / scale (offered), so that
+            # scale * (q_extra . k_extra) is the bias; padded to one multiple of 8 so fused kernels apply.
+            width = 8 * math.ceil((d + 1) / 8)
+            bias = torch.cat([q.new_zeros(own), q.new_full((lengths[i] - own,), strength / scale)])  # (L_i,)
+            q_i = F.pad(torch.cat([q_i, q.new_ones(1, heads, q.shape[2], 1)], dim=-1), (0, width - d - 1))
+            k_i = F.pad(torch.cat([k_i, bias[None, None, :, None].expand(1, heads, -1, 1)], dim=-1),
+                        (0, width - d - 1))
+            v_i = F.pad(v_i, (0, width - d))
+        out[i] = memory_linear_attention(q_i, k_i, v_i, scale=scale)[0, ..., :d]
+    return out
 
 
 def offers(k: torch.Tensor, v: torch.Tensor, keep: Optional[torch.Tensor]) -> tuple[list[torch.Tensor], list[torch.Tensor]]:
