@@ -87,18 +87,20 @@ class EvalRequest:
     segmenter_path: Optional[Path] = None
 
 
-def check_results_folder(outdir: Optional[Path], root: Path = DEFAULT_OUTPUT_ROOT) -> None:
+def check_results_folder(outdir: Optional[Path], root: Optional[Path] = None) -> None:
     """Refuse an `outdir` that holds anything (results are never overwritten) or cannot be written
-    (without one: `root`, where a numbered folder will go)."""
+    (without one: `root`, default DEFAULT_OUTPUT_ROOT read at the call, where a numbered folder will go)."""
+    root = DEFAULT_OUTPUT_ROOT if root is None else root
     if outdir is not None and outdir.exists() and (not outdir.is_dir() or any(outdir.iterdir())):
         raise FileExistsError(f"output folder {outdir} already exists and is not an empty folder; this run never "
                               "overwrites results: choose a new folder, or none for a numbered one")
     check_output_folder(outdir if outdir is not None else root)
 
 
-def create_output_folder(outdir: Optional[Path], root: Path = DEFAULT_OUTPUT_ROOT) -> Path:
+def create_output_folder(outdir: Optional[Path], root: Optional[Path] = None) -> Path:
     """`outdir` if it does not exist or is empty; without one, the next `root`/run-NNNN
-    (outputs/consistency/run-NNNN by default)."""
+    (DEFAULT_OUTPUT_ROOT, outputs/consistency, read at the call, so a test can redirect it)."""
+    root = DEFAULT_OUTPUT_ROOT if root is None else root
     if outdir is None:
         return new_numbered_folder(root, "run-")
     check_results_folder(outdir)
