@@ -15,11 +15,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-import safetensors.torch
 import torch
-from omegaconf import OmegaConf
 
-import ldm.checkpoint
 from ldm.data.render import render_scene
 from ldm.data.world import Scene
 from ldm.errors import InvalidValue
@@ -27,12 +24,11 @@ from ldm.eval.metrics_v2 import (ATTRIBUTES, WORLD_V2_METRICS, colour_histogram,
                                  mean_histogram_intersection, mean_pairwise_iou, named_accuracy, open_agreement,
                                  open_attributes, world_metrics)
 from ldm.eval.prompt_sets import WORLD_V2_PROMPTS, generation_prompt, image_prompts, story_parts
-from ldm.eval.scene_classifier import SceneClassifier, SceneClassifierConfig, save_scene_classifier
-from ldm.eval.segmenter import SegmenterConfig, SubjectSegmenter, save_segmenter
+from ldm.eval.scene_classifier import SceneClassifier, save_scene_classifier
 from ldm.eval.subject_mask_iou import MaskRecorder, step_buckets, step_ious
 from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings, batch_layout
-from ldm.util import instantiate_from_config
-from tests.conftest import TINY_CONFIG, load_script, randomize_
+from tests.conftest import TINY_CONFIG, load_script
+from tests.world_fixtures import TINY_CLASSIFIER, tiny_model_loaded_once, usage_error, write_tiny_world_files
 
 eval_script = load_script("eval_consistency")
 
@@ -199,31 +195,19 @@ def test_rendered_scenes_give_the_metrics_their_ground_truth_says():
 
 # ----------------------------------------------------------------------------- the harness end to end
 
-TINY_CLASSIFIER = SceneClassifierConfig(widths=(8, 8, 8, 8, 8), feature_dim=16)
 PROMPTS = ("a red chair", "a face with glasses", "a lamp in a green room | a lamp on grass")
 
 
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("world-v2")
-    torch.manual_seed(0)
-    model = randomize_(instantiate_from_config(OmegaConf.load(TINY_CONFIG).model), seed=0)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                                str(folder / "tiny.safetensors"))
-    classifier = randomize_(SceneClassifier(TINY_CLASSIFIER), seed=1).eval()
-    save_scene_classifier(classifier, folder / "classifier.safetensors")
-    segmenter = randomize_(SubjectSegmenter(SegmenterConfig(width=4)), seed=2).eval()
-    save_segmenter(segmenter, folder / "segmenter.safetensors")
+    folder = write_tiny_world_files(tmp_path_factory.mktemp("world-v2"))
     (folder / "prompts.txt").write_text("\n".join(PROMPTS) + "\n")
     return folder
 
 
 @pytest.fixture(scope="module")
 def tiny_model(files):
-    model = ldm.checkpoint.load_model_from_config(OmegaConf.load(TINY_CONFIG), files / "tiny.safetensors",
-                                                  device="cpu", verbose=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ldm.checkpoint, "load_model_from_config", lambda *args, **kwargs: model)
+    with tiny_model_loaded_once(files / "tiny.safetensors") as model:
         yield model
 
 
@@ -270,12 +254,7 @@ def test_world_v2_run_is_reproducible(world_run, tiny_model, files, tmp_path):
 
 
 def run_cli(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        eval_script.run_cli(eval_script.main, args, flags=eval_script.FLAGS)
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1
-    return error
+    return usage_error(eval_script, args, capsys)
 
 
 def test_missing_segmenter_is_one_line_before_anything_runs(files, tmp_path, capsys):

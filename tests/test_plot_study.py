@@ -14,6 +14,7 @@ from PIL import Image
 from ldm.eval.study_plot import (RECOMMENDATION_RULE, ConfigurationMeans, alignment_colour, pareto_front,
                                  read_means, recommend)
 from tests.conftest import load_script
+from tests.world_fixtures import usage_error
 
 plot_script = load_script("plot_study")
 
@@ -115,12 +116,7 @@ def test_the_rule_in_the_scripts_docstring_is_the_one_the_code_applies():
 
 
 def run_cli(args: list[str], capsys) -> str:
-    with pytest.raises(SystemExit) as stopped:
-        plot_script.run_cli(plot_script.main, args, flags=plot_script.FLAGS)
-    assert stopped.value.code == 2
-    error = capsys.readouterr().err
-    assert error.count("\n") == 1
-    return error
+    return usage_error(plot_script, args, capsys)
 
 
 def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys):

@@ -13,12 +13,9 @@ from collections import Counter
 from pathlib import Path
 
 import pytest
-import safetensors.torch
-import torch
 from omegaconf import OmegaConf
 from PIL import Image
 
-import ldm.checkpoint
 from ldm.data.prompts import caption, parse_prompt
 from ldm.data.scenes import WorldScenes
 from ldm.data.world import VOCABULARY
@@ -26,10 +23,8 @@ from ldm.errors import InvalidValue
 from ldm.eval.prompt_following import (ATTRIBUTES, DEFAULT_PROMPT_COUNT, HELD_OUT_SEED, NOISE_STRIDE,
                                        TARGET_ATTRIBUTES, TRAINING_DATA_SEED, HeldOutCaption, ImageReading, Tally,
                                        choose_scale, held_out_captions, tally, verdict)
-from ldm.eval.scene_classifier import SceneClassifier, SceneClassifierConfig, save_scene_classifier
-from ldm.eval.segmenter import SegmenterConfig, SubjectSegmenter, save_segmenter
-from ldm.util import instantiate_from_config
-from tests.conftest import ROOT, TINY_CONFIG, load_script, randomize_
+from tests.conftest import ROOT, TINY_CONFIG, load_script
+from tests.world_fixtures import tiny_model_loaded_once, write_tiny_world_files
 
 script = load_script("eval_prompt_following")
 
@@ -113,29 +108,15 @@ def test_choose_scale_takes_the_highest_minimum_and_ties_go_to_the_lower_scale()
 
 # ----------------------------------------------------------------------------- the script end to end
 
-TINY_CLASSIFIER = SceneClassifierConfig(widths=(8, 8, 8, 8, 8), feature_dim=16)
-
-
 @pytest.fixture(scope="module")
 def files(tmp_path_factory):
-    folder = tmp_path_factory.mktemp("prompt-following")
-    torch.manual_seed(0)
-    model = randomize_(instantiate_from_config(OmegaConf.load(TINY_CONFIG).model), seed=0)
-    safetensors.torch.save_file({k: v.contiguous() for k, v in model.state_dict().items()},
-                                str(folder / "tiny.safetensors"))
-    classifier = randomize_(SceneClassifier(TINY_CLASSIFIER), seed=1).eval()
-    save_scene_classifier(classifier, folder / "classifier.safetensors")
-    save_segmenter(SubjectSegmenter(SegmenterConfig(width=4)), folder / "segmenter.safetensors")
-    return folder
+    return write_tiny_world_files(tmp_path_factory.mktemp("prompt-following"), random_segmenter=False)
 
 
 @pytest.fixture(scope="module")
 def tiny_model(files):
     """The tiny model loaded once for every run of this module (loading is most of a run's time)."""
-    model = ldm.checkpoint.load_model_from_config(OmegaConf.load(TINY_CONFIG), files / "tiny.safetensors",
-                                                  device="cpu", verbose=False)
-    with pytest.MonkeyPatch.context() as patch:
-        patch.setattr(ldm.checkpoint, "load_model_from_config", lambda *args, **kwargs: model)
+    with tiny_model_loaded_once(files / "tiny.safetensors") as model:
         yield model
 
 
