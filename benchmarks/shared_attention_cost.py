@@ -18,9 +18,9 @@ cross-attention map (random, Otsu-thresholded as always) gives the mask; the sha
 masks keep is printed. The map of a first model call is made once, untimed; every timed call of a
 masked candidate starts from the masks it gives, as at step 2 of a run. `--memory` adds the peak RSS
 of one forward of each candidate, each in a fresh process (peak RSS cannot be reset; a masked one is
-handed the saved map, so no other forward runs before it), as the ratio to the plain forward's: of the
-whole process (weights included) and of the growth during the forward beyond the built model and its
-inputs.
+handed the saved map, so no other forward runs before it): of the whole process (weights included), in
+MB and as the ratio to the plain forward's, and its growth during the forward beyond the peak that
+building the model and its inputs reached, in MB (0 when the forward stays below that peak).
 
 `--breakdown` times the attention of one 64-level layer alone (why the 64 level costs more time than
 its FLOPs predict; benchmarks/RESULTS.md).
@@ -154,15 +154,16 @@ def variants_table(opt: argparse.Namespace) -> None:
     print(f"plain forward: {medians['off']:.2f} s")
     header = f"{'configuration':<22} {'mask keeps':>10} {'time / plain':>12}"
     if memory:
-        header += f" {'peak RSS / plain':>16} {'forward growth / plain':>22}"
+        header += f" {'peak RSS MB':>11} {'peak RSS / plain':>16} {'forward growth MB':>17}"
     print(header)
     for spec in specs:
         share = prepared[spec][1]
         row = f"{spec:<22} {'-' if share is None else f'{share:.2f}':>10} {medians[spec] / medians['off']:>12.3f}"
         if memory:
             m, ref = memory[spec], memory["off"]
-            row += (f" {m['peak'] / ref['peak']:>16.3f}"
-                    f" {(m['peak'] - m['before']) / (ref['peak'] - ref['before']):>22.3f}")
+            # Growth is printed in MB, not as a ratio: the plain forward may peak below what building
+            # the UNet already reached (growth 0), and a ratio to 0 means nothing.
+            row += f" {m['peak']:>11.0f} {m['peak'] / ref['peak']:>16.3f} {m['peak'] - m['before']:>17.0f}"
         print(row)
 
 
