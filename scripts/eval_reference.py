@@ -16,7 +16,6 @@ into --outdir, which must be new or empty. CPU results are reproducible for the 
 from __future__ import annotations
 
 import argparse
-import csv
 import json
 import math
 import sys
@@ -30,6 +29,7 @@ from ldm.cli import ArgumentParser, UsageError, check_checkpoint, model_spec, re
 from ldm.eval.reference_consistency import (APPEARANCE, REFERENCE_PROMPTS, ReferenceEvalRequest,  # noqa: E402
                                             evaluate_references, summarize_references)
 from ldm.eval.consistency import check_results_folder  # noqa: E402
+from ldm.eval.report import write_csv  # noqa: E402
 from ldm.generation.images import image_grid  # noqa: E402
 
 V2_CONFIG = "configs/demo/v2/demo-inference.yaml"
@@ -95,12 +95,12 @@ def build_request(opt: argparse.Namespace) -> ReferenceEvalRequest:
 def write_outputs(outdir: Path, request: ReferenceEvalRequest, results, grids, argv: Sequence[str]) -> None:
     outdir.mkdir(parents=True, exist_ok=True)
     attributes = sorted({a for subject in request.subjects for a in APPEARANCE[subject]})
-    with open(outdir / "results.csv", "w", newline="") as handle:
-        writer = csv.writer(handle)
-        writer.writerow(["subject", "seed", "condition", "against", "match", *(f"match_{a}" for a in attributes)])
-        for r in results:
-            writer.writerow([r.subject, r.seed, r.condition, r.against, f"{r.match:.4f}",
-                             *(f"{r.per_attribute[a]:.4f}" if a in r.per_attribute else "" for a in attributes)])
+    columns = ["subject", "seed", "condition", "against", "match", *(f"match_{a}" for a in attributes)]
+    write_csv(outdir / "results.csv", [
+        {"subject": r.subject, "seed": r.seed, "condition": r.condition, "against": r.against,
+         "match": f"{r.match:.4f}",
+         **{f"match_{a}": f"{r.per_attribute[a]:.4f}" if a in r.per_attribute else "" for a in attributes}}
+        for r in results], columns)
     summary = summarize_references(results, request)
     (outdir / "summary.json").write_text(json.dumps({"command": " ".join(argv), "seeds": list(request.seeds),
                                                      "steps": request.steps, "scale": request.scale,
