@@ -8,7 +8,7 @@ from torch.utils.data import DataLoader
 
 from ldm.data.prompts import caption, parse_prompt, scene_for_prompt
 from ldm.data.scenes import NOT_APPLICABLE, WorldScenes
-from ldm.data.world import VOCABULARY, attributes_of, sample_scene
+from ldm.data.world import FURNITURE, VOCABULARY, attributes_of, sample_scene
 from ldm.errors import InvalidValue
 
 
@@ -113,3 +113,25 @@ def test_faces_and_furniture_batch_together_with_the_default_collate():
     assert batch["image"].shape == (32, 64, 64, 3) and batch["bbox"].shape == (32, 4)
     subjects = batch["labels"]["subject"]
     assert "face" in subjects and set(subjects) - {"face"}
+
+
+def test_face_share_sets_the_fraction_of_faces_and_splits_the_rest_among_furniture():
+    data = WorldScenes(4000, seed=6, face_share=0.5)
+    subjects = [data.scene(i)[0].subject for i in range(len(data))]
+    # Binomial(4000, p) has a std of at most 32 items; 5 std either side.
+    assert abs(subjects.count("face") - 2000) < 160
+    for furniture in FURNITURE:
+        assert abs(subjects.count(furniture) - 500) < 110
+    assert {WorldScenes(50, seed=6, face_share=1.0).scene(i)[0].subject for i in range(50)} == {"face"}
+    assert "face" not in {WorldScenes(200, seed=6, face_share=0.0).scene(i)[0].subject for i in range(200)}
+    uniform = [WorldScenes(4000, seed=6).scene(i)[0].subject for i in range(4000)]
+    assert abs(uniform.count("face") - 800) < 130
+
+
+def test_face_share_items_depend_only_on_seed_and_i_and_match_their_captions():
+    small, large = WorldScenes(8, seed=3, face_share=0.7), WorldScenes(300, seed=3, face_share=0.7)
+    for i in range(8):
+        assert small[i]["txt"] == large[i]["txt"] and torch.equal(small[i]["image"], large[i]["image"])
+        assert parse_prompt(small[i]["txt"]) == {n: small[i]["labels"][n] for n in small[i]["named"].split()}
+    with pytest.raises(ValueError, match="face_share"):
+        WorldScenes(4, face_share=1.5)
