@@ -201,7 +201,8 @@ def tiny_model(files):
 def run_args(files) -> list[str]:
     return ["--config", str(TINY_CONFIG), "--ckpt", str(files["ckpt"]), "--classifier", str(files["classifier"]),
             "--prompts", str(files["prompts"]), "--device", "cpu", "--steps", "2", "--set-size", "2",
-            "--seeds", "0,1", "--configs", "off,all"]
+            # the tests compare with float32 calls; autocast is bfloat16 on CPUs that have it natively
+            "--precision", "full", "--seeds", "0,1", "--configs", "off,all"]
 
 
 @pytest.fixture(scope="module")

@@ -23,7 +23,9 @@ from ldm.generation.model import precision_used
 from ldm.generation.sampling import encode_init_image
 from tests.conftest import ROOT, TINY_CONFIG
 
-FAST = dict(steps=2, scale=3.0, batch_size=2)
+# Full precision: these tests compare generate() with the sampling functions called directly in
+# float32, and "autocast" computes in bfloat16 on CPUs that have it natively (test_precision.py).
+FAST = dict(steps=2, scale=3.0, batch_size=2, precision="full")
 
 
 @pytest.fixture(scope="module")
@@ -126,8 +128,7 @@ def test_metadata_records_what_reproduces_an_image(model, compared):
         ("a red chair", 8, [7, 8], ["a red chair", "a red chair"])
     assert (meta["sampler"], meta["steps"], meta["scale"], meta["eta"]) == ("ddim", 2, 3.0, 0.0)
     assert (meta["H"], meta["W"], meta["C"], meta["f"]) == (64, 64, 4, 8)
-    # what ran: autocast changes CUDA, and only CPUs that compute bfloat16 natively
-    assert meta["precision"] == precision_used("autocast", torch.device("cpu"))
+    assert meta["precision"] == precision_used("full", torch.device("cpu")) == "float32"  # what ran
     assert meta["ckpt"] == "tiny.safetensors" and meta["ckpt_fingerprint"] == model.source["ckpt_fingerprint"]
     assert meta["ckpt_fingerprint"].startswith("sample-sha256:")
 
