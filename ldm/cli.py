@@ -42,8 +42,8 @@ from ldm.modules.token_grids import self_attention_grids
 
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 SD_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
-DEMO_CONFIG = "configs/demo/demo-inference.yaml"
-DEMO_CKPT = "models/demo/demo.safetensors"
+DEMO_CONFIG = "configs/demo/v2/demo-inference.yaml"  # ldm.generation.model.DEMO_CONFIG, relative to the repository
+DEMO_CKPT = "models/demo/v2/demo.safetensors"
 
 # Defaults that depend on the model: SD v1 (CompVis' values) and the demo model (CPU-quick).
 SD_DEFAULTS = dict(config=SD_CONFIG, ckpt=SD_CKPT, ddim_steps=50, scale=7.5, n_samples=3, n_iter=2)

@@ -6,15 +6,16 @@
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts prompts.txt \\
         --features clip --feature-model openai/clip-vit-large-patch14
     torchrun --nproc_per_node 2 scripts/eval_consistency.py --demo  # jobs sharded over 2 processes
-    python scripts/eval_consistency.py --config CONFIG --ckpt CKPT --world v2 \\
-        --classifier models/demo/v2/scene_classifier.safetensors --segmenter models/demo/v2/segmenter.safetensors
+    python scripts/eval_consistency.py --config configs/demo/demo-inference.yaml \\
+        --ckpt models/demo/demo.safetensors --world v1                # the v1 demo model, before v2
 
 Every configuration generates the same prompt sets from the same seeds (image i of the set with seed
 s starts from seed 1000*s + i), so differences come from sharing only. The run is in
 `ldm/eval/consistency.py`, which lists the modules of its parts (metrics, instruments, configurations,
-jobs, report); sharding over processes in `ldm/eval/distributed.py`. --world v2 measures a model of the
-world v2 (ldm/data/world.py) with its scene classifier and subject segmenter; its prompt file may hold
-stories, one prompt per image joined by ' | '.
+jobs, report); sharding over processes in `ldm/eval/distributed.py`. --world v2 (the default) measures a
+model of the world v2 (ldm/data/world.py), such as the demo model, with its scene classifier and subject
+segmenter; its prompt file may hold stories, one prompt per image joined by ' | '. --world v1 measures the
+v1 demo model's synthetic objects with their attribute classifier.
 Outputs (results.md, results.csv, sets.csv, timing.csv, summary.json, one grid per configuration) go
 to --outdir, which must be new or empty; by default a new outputs/consistency/run-NNNN.
 """
@@ -37,7 +38,7 @@ from ldm.eval.jobs import SEED_STRIDE, Sampling  # noqa: E402
 from ldm.eval.metrics import named_attributes  # noqa: E402
 from ldm.eval.prompt_sets import check_world_prompt_sets, refuse_stories  # noqa: E402
 from ldm.generation.inputs import read_prompt_file  # noqa: E402
-from ldm.generation.model import choose_device  # noqa: E402
+from ldm.generation.model import DEMO_CONFIG, DEMO_V1_CONFIG, choose_device  # noqa: E402
 
 # The flag that sets each field the library may name in an error.
 FLAGS = {"configs": "--configs", "prompt": "--prompts", "prompt_file": "--prompts", "features": "--features",
@@ -73,9 +74,10 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          help="measure with a transformers image model instead of the attribute classifier")
     measure.add_argument("--feature-model", type=str, default=None,
                          help="local folder or cached hub id of that model (never downloaded)")
-    measure.add_argument("--world", choices=["v1", "v2"], default="v1",
-                         help="v1: the synthetic objects and their attribute classifier; v2: the scenes of "
-                              "ldm/data/world.py, measured by a scene classifier and a subject segmenter")
+    measure.add_argument("--world", choices=["v1", "v2"], default="v2",
+                         help="v2 (default, the demo model's world): the scenes of ldm/data/world.py, measured by "
+                              "a scene classifier and a subject segmenter; v1: the synthetic objects of the v1 demo "
+                              "model (configs/demo/) and their attribute classifier")
     measure.add_argument("--classifier", type=str, default=None,
                          help=f"attribute classifier (v1 default: the shipped one; v2: {WORLD_V2_CLASSIFIER})")
     measure.add_argument("--segmenter", type=str, default=None,
@@ -94,6 +96,14 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     if not seeds or len(set(seeds)) != len(seeds) or min(seeds) < 0 or max(seeds) >= 2 ** 63 // SEED_STRIDE:
         raise UsageError(f"--seeds {text!r}: give distinct seeds between 0 and {2 ** 63 // SEED_STRIDE - 1}")
     return seeds
+
+
+def model_world(opt: argparse.Namespace, config_path: Path) -> Optional[str]:
+    """The synthetic world the evaluated model draws: v2 for the demo model, v1 for the v1 demo's config,
+    None for any other model (whose images the world instruments were not trained on)."""
+    if opt.demo or config_path.resolve() == DEMO_CONFIG.resolve():
+        return "v2"
+    return "v1" if config_path.resolve() == DEMO_V1_CONFIG.resolve() else None
 
 
 def build_request(opt: argparse.Namespace) -> EvalRequest:
@@ -144,7 +154,7 @@ def build_request(opt: argparse.Namespace) -> EvalRequest:
         config_path=spec.config_path, ckpt_path=ckpt_path, configurations=tuple(configurations), prompts=prompts,
         seeds=seeds, sampling=sampling, outdir=outdir, device=opt.device, use_ema=opt.use_ema,
         features=opt.features, feature_model=opt.feature_model,
-        classifier_path=classifier, threads=opt.threads, synthetic_model=opt.demo, world=opt.world,
+        classifier_path=classifier, threads=opt.threads, model_world=model_world(opt, spec.config_path), world=opt.world,
         segmenter_path=segmenter)
 
 

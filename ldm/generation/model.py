@@ -7,7 +7,8 @@
 - `load_model(config, ckpt)` -> `LoadedModel`: the LatentDiffusion module in float32 on a device, with
   its geometry and a record of where it came from (config, checkpoint file name, content fingerprint,
   EMA), which every generated image's metadata repeats.
-- `load_demo_model()`: the tiny model shipped in models/demo/.
+- `load_demo_model()`: the tiny model shipped in models/demo/v2/ (v1, which came before it, stays in
+  models/demo/).
 
 Config layout assumed (CompVis): model.params.{image_size, unet_config, first_stage_config, timesteps};
 the latent side the model was trained at is model.params.image_size (the UNet's own image_size is
@@ -29,8 +30,12 @@ import torch.nn as nn
 from ldm.errors import InvalidValue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "demo-inference.yaml"
-DEMO_CKPT = REPO_ROOT / "models" / "demo" / "demo.safetensors"
+# The demo model is v2 (scenes of ldm/data/world.py: furniture and faces in rooms, configs/demo/v2/);
+# v1 (the plain synthetic objects of ldm/data/synthetic.py) stays in configs/demo/ and models/demo/.
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "v2" / "demo-inference.yaml"
+DEMO_CKPT = REPO_ROOT / "models" / "demo" / "v2" / "demo.safetensors"
+DEMO_V1_CONFIG = REPO_ROOT / "configs" / "demo" / "demo-inference.yaml"
+DEMO_V1_CKPT = REPO_ROOT / "models" / "demo" / "demo.safetensors"
 UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)  # UNetModel's default, for configs that leave it out
 
 
@@ -196,10 +201,11 @@ def load_model(config: str | os.PathLike | ModelSpec, ckpt: str | os.PathLike, *
 
 
 def load_demo_model(device: str | torch.device = "cpu", verbose: bool = False) -> LoadedModel:
-    """The tiny text-to-image model shipped in models/demo/ (64 px chairs, tables, lamps and vases)."""
+    """The tiny text-to-image model shipped in models/demo/v2/ (64 px scenes: a chair, table, lamp, vase or
+    face in front of a wall and floor, or a backdrop)."""
     if not DEMO_CKPT.exists():
         raise FileNotFoundError(f"the demo model is missing at {DEMO_CKPT}; it ships with the repository, so "
-                                "restore it with git (git checkout -- models/demo)")
+                                "restore it with git (git checkout -- models/demo/v2)")
     return load_model(DEMO_CONFIG, DEMO_CKPT, device=device, verbose=verbose)
 
 
