@@ -33,7 +33,8 @@ from ldm.checkpoint.errors import CheckpointError
 from ldm.errors import InvalidValue, format_value
 from ldm.generation.generate import NonFiniteError, Progress, generate
 from ldm.generation.inputs import fit_to_multiple, open_image, read_prompt_file
-from ldm.generation.model import REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model, read_model_spec
+from ldm.generation.model import (DEMO_SCALE, REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model,
+                                  read_model_spec)
 from ldm.generation.outputs import check_output_folder, save_result
 from ldm.generation.reference import check_references, read_reference, reference_notes, values_to_match
 from ldm.generation.request import GenerationRequest
@@ -47,7 +48,7 @@ DEMO_CKPT = "models/demo/v2/demo.safetensors"
 
 # Defaults that depend on the model: SD v1 (CompVis' values) and the demo model (CPU-quick).
 SD_DEFAULTS = dict(config=SD_CONFIG, ckpt=SD_CKPT, ddim_steps=50, scale=7.5, n_samples=3, n_iter=2)
-DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, ddim_steps=25, scale=3.0, n_samples=4, n_iter=1)
+DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, ddim_steps=25, scale=DEMO_SCALE, n_samples=4, n_iter=1)
 SHARING_OPTIONS = ("shared_attn_mode", "shared_attn_anchors", "shared_attn_steps", "shared_attn_strength",
                    "shared_attn_subject", "shared_attn_dropout", "shared_attn_adain")
 

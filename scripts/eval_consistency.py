@@ -38,7 +38,7 @@ from ldm.eval.jobs import SEED_STRIDE, Sampling  # noqa: E402
 from ldm.eval.metrics import named_attributes  # noqa: E402
 from ldm.eval.prompt_sets import check_world_prompt_sets, refuse_stories  # noqa: E402
 from ldm.generation.inputs import read_prompt_file  # noqa: E402
-from ldm.generation.model import DEMO_CONFIG, DEMO_V1_CONFIG, choose_device  # noqa: E402
+from ldm.generation.model import DEMO_CONFIG, DEMO_SCALE, DEMO_V1_CONFIG, choose_device  # noqa: E402
 
 # The flag that sets each field the library may name in an error.
 FLAGS = {"configs": "--configs", "prompt": "--prompts", "prompt_file": "--prompts", "features": "--features",
@@ -66,7 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated set seeds (default 0,1,2)")
     run.add_argument("--set-size", type=int, default=4, help="images per prompt set, generated as one batch")
     run.add_argument("--steps", type=int, default=None, help="DDIM steps (demo 25, SD v1 50)")
-    run.add_argument("--scale", type=float, default=None, help="guidance scale (demo 3.0, SD v1 7.5)")
+    run.add_argument("--scale", type=float, default=None, help=f"guidance scale (demo {DEMO_SCALE}, SD v1 7.5)")
     run.add_argument("--configs", type=str, default="default",
                      help=f"comma-separated configurations. {CONFIGURATION_SYNTAX}")
     measure = parser.add_argument_group("measuring")
