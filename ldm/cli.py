@@ -132,7 +132,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"checkpoint, .ckpt or .safetensors, or a diffusers SD v1 pipeline folder "
                             f"(default: {SD_CKPT})")
     group.add_argument("--demo", action="store_true",
-                       help="use the tiny demo model shipped in models/demo/ (CPU, 64 px); no download needed")
+                       help="use the tiny demo model shipped in models/demo/v2/ (CPU, 64 px); no download needed")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
     group.add_argument("--device", type=str, default="auto", help="auto (cuda, mps, cpu), cuda, cuda:1, mps or cpu")
     group.add_argument("--precision", type=str, choices=["full", "autocast", "bfloat16"], default="autocast",
@@ -277,7 +277,7 @@ def check_checkpoint(opt: argparse.Namespace) -> Path:
     if not ckpt.exists():
         if opt.demo:
             raise UsageError(f"the demo model is missing at {opt.ckpt}; it ships with the repository, "
-                             "so restore it with git (git checkout -- models/demo)")
+                             f"so restore it with git (git checkout -- {Path(opt.ckpt).parent})")
         raise UsageError(
             f"checkpoint not found: {opt.ckpt}. Download the official Stable Diffusion v1 weights "
             f"(sd-v1-4.ckpt from the CompVis stable-diffusion-v-1-4-original model page on Hugging Face, "
