@@ -252,7 +252,7 @@ def cpu_has_native_bfloat16() -> bool:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None (plain float32) or the autocast dtype of `precision` on `device`:
     - "autocast": float16 on CUDA (as CompVis); bfloat16 on a CPU that computes it in hardware, where it
-      is faster and changes the demo model's images by under a level on average; float32 elsewhere (on
+      is faster and changes the v1 demo model's images by under a level on average; float32 elsewhere (on
       other CPUs bfloat16 is slower, and MPS gains nothing measured here).
     - "bfloat16": bfloat16 on the CPU (any) and CUDA; "full": float32 everywhere."""
     if precision == "autocast" and device.type == "cuda":
