@@ -7,7 +7,7 @@
         --features clip --feature-model openai/clip-vit-large-patch14
     torchrun --nproc_per_node 2 scripts/eval_consistency.py --demo  # jobs sharded over 2 processes
     python scripts/eval_consistency.py --config configs/demo/demo-inference.yaml \\
-        --ckpt models/demo/demo.safetensors --world v1                # the v1 demo model, before v2
+        --ckpt models/demo/demo.safetensors --world v1 --steps 25 --scale 3   # the v1 demo model, before v2
 
 Every configuration generates the same prompt sets from the same seeds (image i of the set with seed
 s starts from seed 1000*s + i), so differences come from sharing only. The run is in
