@@ -21,7 +21,7 @@ import torch
 from omegaconf import OmegaConf
 
 from _common import SD_CONFIG, time_alternately
-from ldm.generation import GenerationRequest, generate, load_demo_model, save_result
+from ldm.generation import DEMO_SCALE, GenerationRequest, generate, load_demo_model, save_result
 from ldm.generation.reference import read_reference, record_reference_anchors
 from ldm.modules.shared_attention import SharedAttentionSettings
 from ldm.modules.shared_reference import record_bytes
@@ -46,15 +46,15 @@ def demo_time(repeats: int) -> None:
     torch.set_num_threads(1)
     model = load_demo_model()
     sharing = SharedAttentionSettings(groups=("up",), mode="anchor")
-    first = GenerationRequest(prompt="a red chair", seed=1, batch_size=4, steps=25, scale=3.0, sharing=sharing)
+    first = GenerationRequest(prompt="a red chair", seed=1, batch_size=4, steps=25, scale=DEMO_SCALE, sharing=sharing)
     with tempfile.TemporaryDirectory() as folder:
         path = save_result(generate(model, first), folder, grid=False)[0]
         reference = read_reference(path)
-        request = GenerationRequest(prompt="a red chair in a garden", seed=100, batch_size=4, steps=25, scale=3.0,
-                                    sharing=sharing, references=(str(path),))
+        request = GenerationRequest(prompt="a red chair in a garden", seed=100, batch_size=4, steps=25,
+                                    scale=DEMO_SCALE, sharing=sharing, references=(str(path),))
         anchors, _, _ = record_reference_anchors(model.module, [reference], sharing)
         plain_batch = GenerationRequest(prompt="a red chair in a garden", seed=100, batch_size=4, steps=25,
-                                        scale=3.0, sharing=sharing)
+                                        scale=DEMO_SCALE, sharing=sharing)
 
         def record() -> None:
             record_reference_anchors(model.module, [reference], sharing)

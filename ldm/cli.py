@@ -33,7 +33,8 @@ from ldm.checkpoint.errors import CheckpointError
 from ldm.errors import InvalidValue, format_value
 from ldm.generation.generate import NonFiniteError, Progress, generate
 from ldm.generation.inputs import fit_to_multiple, open_image, read_prompt_file
-from ldm.generation.model import REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model, read_model_spec
+from ldm.generation.model import (DEMO_SCALE, REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model,
+                                  read_model_spec)
 from ldm.generation.outputs import check_output_folder, save_result
 from ldm.generation.reference import check_references, read_reference, reference_notes, values_to_match
 from ldm.generation.request import GenerationRequest
@@ -42,12 +43,12 @@ from ldm.modules.token_grids import self_attention_grids
 
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 SD_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
-DEMO_CONFIG = "configs/demo/demo-inference.yaml"
-DEMO_CKPT = "models/demo/demo.safetensors"
+DEMO_CONFIG = "configs/demo/v2/demo-inference.yaml"  # ldm.generation.model.DEMO_CONFIG, relative to the repository
+DEMO_CKPT = "models/demo/v2/demo.safetensors"
 
 # Defaults that depend on the model: SD v1 (CompVis' values) and the demo model (CPU-quick).
 SD_DEFAULTS = dict(config=SD_CONFIG, ckpt=SD_CKPT, ddim_steps=50, scale=7.5, n_samples=3, n_iter=2)
-DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, ddim_steps=25, scale=3.0, n_samples=4, n_iter=1)
+DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, ddim_steps=25, scale=DEMO_SCALE, n_samples=4, n_iter=1)
 SHARING_OPTIONS = ("shared_attn_mode", "shared_attn_anchors", "shared_attn_steps", "shared_attn_strength",
                    "shared_attn_subject", "shared_attn_dropout", "shared_attn_adain")
 
@@ -131,7 +132,7 @@ def add_model_arguments(parser: argparse.ArgumentParser) -> None:
                        help=f"checkpoint, .ckpt or .safetensors, or a diffusers SD v1 pipeline folder "
                             f"(default: {SD_CKPT})")
     group.add_argument("--demo", action="store_true",
-                       help="use the tiny demo model shipped in models/demo/ (CPU, 64 px); no download needed")
+                       help="use the tiny demo model shipped in models/demo/v2/ (CPU, 64 px); no download needed")
     group.add_argument("--use-ema", action="store_true", help="load the EMA weights of a *-full-ema checkpoint")
     group.add_argument("--device", type=str, default="auto", help="auto (cuda, mps, cpu), cuda, cuda:1, mps or cpu")
     group.add_argument("--precision", type=str, choices=["full", "autocast", "bfloat16"], default="autocast",
@@ -276,7 +277,7 @@ def check_checkpoint(opt: argparse.Namespace) -> Path:
     if not ckpt.exists():
         if opt.demo:
             raise UsageError(f"the demo model is missing at {opt.ckpt}; it ships with the repository, "
-                             "so restore it with git (git checkout -- models/demo)")
+                             f"so restore it with git (git checkout -- {Path(opt.ckpt).parent})")
         raise UsageError(
             f"checkpoint not found: {opt.ckpt}. Download the official Stable Diffusion v1 weights "
             f"(sd-v1-4.ckpt from the CompVis stable-diffusion-v-1-4-original model page on Hugging Face, "

@@ -28,7 +28,7 @@ import torch  # noqa: E402
 from ldm.cli import (ArgumentParser, UsageError, check_checkpoint, choose_evaluated_model, model_spec,  # noqa: E402
                      run_cli)
 from ldm.eval.attention_stats import AttentionRecorder, prediction_change  # noqa: E402
-from ldm.generation import GenerationRequest, choose_device, generate, load_model  # noqa: E402
+from ldm.generation import DEMO_SCALE, GenerationRequest, choose_device, generate, load_model  # noqa: E402
 
 FLAGS = {"prompt": "--prompt", "seed": "--seed", "batch_size": "--n_samples", "steps": "--steps", "scale": "--scale",
          "device": "--device"}
@@ -43,7 +43,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--n_samples", type=int, default=4, help="images in the set (default 4)")
     parser.add_argument("--seed", type=int, default=0, help="image k starts from seed + k")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps (demo 25, SD v1 50)")
-    parser.add_argument("--scale", type=float, default=None, help="guidance scale (demo 3.0, SD v1 7.5)")
+    parser.add_argument("--scale", type=float, default=None, help=f"guidance scale (demo {DEMO_SCALE}, SD v1 7.5)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     opt = parser.parse_args(argv)

@@ -6,15 +6,16 @@
         --ckpt models/ldm/stable-diffusion-v1/model.ckpt --prompts prompts.txt \\
         --features clip --feature-model openai/clip-vit-large-patch14
     torchrun --nproc_per_node 2 scripts/eval_consistency.py --demo  # jobs sharded over 2 processes
-    python scripts/eval_consistency.py --config CONFIG --ckpt CKPT --world v2 \\
-        --classifier models/demo/v2/scene_classifier.safetensors --segmenter models/demo/v2/segmenter.safetensors
+    python scripts/eval_consistency.py --config configs/demo/demo-inference.yaml \\
+        --ckpt models/demo/demo.safetensors --world v1 --steps 25 --scale 3   # the v1 demo model, before v2
 
 Every configuration generates the same prompt sets from the same seeds (image i of the set with seed
 s starts from seed 1000*s + i), so differences come from sharing only. The run is in
 `ldm/eval/consistency.py`, which lists the modules of its parts (metrics, instruments, configurations,
-jobs, report); sharding over processes in `ldm/eval/distributed.py`. --world v2 measures a model of the
-world v2 (ldm/data/world.py) with its scene classifier and subject segmenter; its prompt file may hold
-stories, one prompt per image joined by ' | '.
+jobs, report); sharding over processes in `ldm/eval/distributed.py`. --world v2 (the default for the
+demo model) measures a model of the world v2 (ldm/data/world.py) with its scene classifier and subject
+segmenter; its prompt file may hold stories, one prompt per image joined by ' | '. --world v1 (the default
+for any other model) measures the v1 demo model's synthetic objects with their attribute classifier.
 Outputs (results.md, results.csv, sets.csv, timing.csv, summary.json, one grid per configuration) go
 to --outdir, which must be new or empty; by default a new outputs/consistency/run-NNNN.
 """
@@ -37,7 +38,7 @@ from ldm.eval.jobs import SEED_STRIDE, Sampling  # noqa: E402
 from ldm.eval.metrics import named_attributes  # noqa: E402
 from ldm.eval.prompt_sets import check_world_prompt_sets, refuse_stories  # noqa: E402
 from ldm.generation.inputs import read_prompt_file  # noqa: E402
-from ldm.generation.model import choose_device  # noqa: E402
+from ldm.generation.model import DEMO_CONFIG, DEMO_SCALE, DEMO_V1_CONFIG, choose_device  # noqa: E402
 
 # The flag that sets each field the library may name in an error.
 FLAGS = {"configs": "--configs", "prompt": "--prompts", "prompt_file": "--prompts", "features": "--features",
@@ -65,7 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     run.add_argument("--seeds", type=str, default="0,1,2", help="comma-separated set seeds (default 0,1,2)")
     run.add_argument("--set-size", type=int, default=4, help="images per prompt set, generated as one batch")
     run.add_argument("--steps", type=int, default=None, help="DDIM steps (demo 25, SD v1 50)")
-    run.add_argument("--scale", type=float, default=None, help="guidance scale (demo 3.0, SD v1 7.5)")
+    run.add_argument("--scale", type=float, default=None, help=f"guidance scale (demo {DEMO_SCALE}, SD v1 7.5)")
     run.add_argument("--configs", type=str, default="default",
                      help=f"comma-separated configurations. {CONFIGURATION_SYNTAX}")
     measure = parser.add_argument_group("measuring")
@@ -73,9 +74,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                          help="measure with a transformers image model instead of the attribute classifier")
     measure.add_argument("--feature-model", type=str, default=None,
                          help="local folder or cached hub id of that model (never downloaded)")
-    measure.add_argument("--world", choices=["v1", "v2"], default="v1",
-                         help="v1: the synthetic objects and their attribute classifier; v2: the scenes of "
-                              "ldm/data/world.py, measured by a scene classifier and a subject segmenter")
+    measure.add_argument("--world", choices=["v1", "v2"], default=None,
+                         help="v2 (default for the demo model): the scenes of ldm/data/world.py, measured by a scene "
+                              "classifier and a subject segmenter; v1 (default for any other model, and with "
+                              "--features): the synthetic objects of the v1 demo model (configs/demo/) and their "
+                              "attribute classifier")
     measure.add_argument("--classifier", type=str, default=None,
                          help=f"attribute classifier (v1 default: the shipped one; v2: {WORLD_V2_CLASSIFIER})")
     measure.add_argument("--segmenter", type=str, default=None,
@@ -96,22 +99,40 @@ def parse_seeds(text: str) -> tuple[int, ...]:
     return seeds
 
 
+def model_world(opt: argparse.Namespace, config_path: Path) -> Optional[str]:
+    """The synthetic world the evaluated model draws: v2 for the demo model, v1 for the v1 demo's config,
+    None for any other model (whose images the world instruments were not trained on)."""
+    if opt.demo or config_path.resolve() == DEMO_CONFIG.resolve():
+        return "v2"
+    return "v1" if config_path.resolve() == DEMO_V1_CONFIG.resolve() else None
+
+
+def default_world(opt: argparse.Namespace, drawn: Optional[str]) -> str:
+    """--world when given; otherwise v2 for a model of the world v2 (the demo model) measured by its
+    instruments, else v1 (the attribute classifier, or --features, which only the v1 path takes)."""
+    if opt.world is not None:
+        return opt.world
+    return "v2" if drawn == "v2" and opt.features is None else "v1"
+
+
 def build_request(opt: argparse.Namespace) -> EvalRequest:
     """Check every flag and file that can be checked before the model is loaded."""
+    drawn = model_world(opt, resolve_path(opt.config))
+    world = default_world(opt, drawn)
     if not 1 <= opt.set_size <= SEED_STRIDE:
         raise UsageError(f"--set-size must be between 1 and {SEED_STRIDE}, got {opt.set_size}")
     if opt.threads < 1:
         raise UsageError(f"--threads must be at least 1, got {opt.threads}")
     if (opt.features is None) != (opt.feature_model is None):
         raise UsageError("--features and --feature-model go together, e.g. --features clip --feature-model PATH")
-    if opt.world == "v1" and opt.segmenter is not None:
+    if world == "v1" and opt.segmenter is not None:
         raise UsageError("--segmenter measures the world v2's scenes; add --world v2 or drop --segmenter")
-    if opt.world == "v2" and opt.features is not None:
+    if world == "v2" and opt.features is not None:
         raise UsageError("--world v2 measures with its own classifier and segmenter; drop --features or --world v2")
     seeds = parse_seeds(opt.seeds)
     prompts = (tuple(read_prompt_file(resolve_path(opt.prompts))) if opt.prompts
-               else DEFAULT_PROMPTS_BY_WORLD[opt.world])
-    if opt.world == "v2":
+               else DEFAULT_PROMPTS_BY_WORLD[world])
+    if world == "v2":
         check_world_prompt_sets(prompts)  # a word the world does not know is an error before anything runs
         classifier = resolve_path(opt.classifier or str(WORLD_V2_CLASSIFIER))
         segmenter = resolve_path(opt.segmenter or str(WORLD_V2_SEGMENTER))
@@ -144,7 +165,7 @@ def build_request(opt: argparse.Namespace) -> EvalRequest:
         config_path=spec.config_path, ckpt_path=ckpt_path, configurations=tuple(configurations), prompts=prompts,
         seeds=seeds, sampling=sampling, outdir=outdir, device=opt.device, use_ema=opt.use_ema,
         features=opt.features, feature_model=opt.feature_model,
-        classifier_path=classifier, threads=opt.threads, synthetic_model=opt.demo, world=opt.world,
+        classifier_path=classifier, threads=opt.threads, model_world=drawn, world=world,
         segmenter_path=segmenter)
 
 

@@ -25,15 +25,16 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from tqdm import tqdm  # noqa: E402
 
-from ldm.cli import ArgumentParser, UsageError, check_checkpoint, model_spec, resolve_path, run_cli  # noqa: E402
+from ldm.cli import (DEMO_CKPT, DEMO_CONFIG, ArgumentParser, UsageError, check_checkpoint, model_spec,  # noqa: E402
+                     resolve_path, run_cli)
 from ldm.eval.reference_consistency import (APPEARANCE, REFERENCE_PROMPTS, ReferenceEvalRequest,  # noqa: E402
                                             evaluate_references, summarize_references)
 from ldm.eval.consistency import check_results_folder  # noqa: E402
 from ldm.eval.report import write_csv  # noqa: E402
 from ldm.generation.images import image_grid  # noqa: E402
+from ldm.generation.model import DEMO_SCALE  # noqa: E402
 
-V2_CONFIG = "configs/demo/v2/demo-inference.yaml"
-V2_CKPT = "models/demo/v2/demo.safetensors"
+V2_CONFIG, V2_CKPT = DEMO_CONFIG, DEMO_CKPT  # the demo model is the world v2 model
 V2_CLASSIFIER = "models/demo/v2/scene_classifier.safetensors"
 FLAGS = {"seeds": "--seeds", "groups": "--groups", "steps": "--steps", "scale": "--scale", "outdir": "--outdir",
          "classifier": "--classifier", "references": "--config/--ckpt", "sharing.groups": "--groups"}
@@ -50,7 +51,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--subjects", type=str, default="furniture,face",
                         help=f"subjects measured (default furniture,face): {', '.join(REFERENCE_PROMPTS)}")
     parser.add_argument("--steps", type=int, default=25, help="DDIM steps (default 25)")
-    parser.add_argument("--scale", type=float, default=3.0, help="guidance scale (default 3.0)")
+    parser.add_argument("--scale", type=float, default=DEMO_SCALE,
+                        help=f"guidance scale (default {DEMO_SCALE}, the demo model's)")
     parser.add_argument("--threads", type=int, default=1, help="CPU threads (default 1)")
     parser.add_argument("--outdir", type=str, required=True, help="new or empty folder for the results")
     return parser.parse_args(argv)

@@ -30,7 +30,7 @@ from omegaconf import OmegaConf  # noqa: E402
 from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, model_spec, run_cli  # noqa: E402
 from ldm.eval.text_conditioning import (TextConditioningRequest, TextConditioningResults,  # noqa: E402
                                         format_report, measure_text_conditioning)
-from ldm.generation import choose_device, load_model  # noqa: E402
+from ldm.generation import DEMO_SCALE, choose_device, load_model  # noqa: E402
 
 TEXT_ENCODER = "ldm.modules.encoders.modules.FrozenCLIPEmbedder"
 
@@ -43,7 +43,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser.add_argument("--latents", type=int, default=8, help="reference images for 2a and 2b (default 8)")
     parser.add_argument("--seed", type=int, default=0, help="seed of the reference images, the noise and the probes")
     parser.add_argument("--steps", type=int, default=None, help="DDIM steps of the reference images (demo 25, SD 50)")
-    parser.add_argument("--scale", type=float, default=None, help="their guidance scale (demo 3.0, SD v1 7.5)")
+    parser.add_argument("--scale", type=float, default=None,
+                        help=f"their guidance scale (demo {DEMO_SCALE}, SD v1 7.5)")
     parser.add_argument("--probe-steps", type=int, default=500, help="Adam steps per linear probe (default 500)")
     parser.add_argument("--batch-size", type=int, default=64, help="images per UNet forward pass (default 64)")
     parser.add_argument("--device", type=str, default="auto", help="auto, cpu, cuda or mps")

@@ -111,6 +111,13 @@ def test_page_images_equal_txt2img_images_for_the_same_settings(page, tmp_path):
     assert not np.array_equal(shared, pixels_and_parameters(downloads[1], tmp_path)[0])
 
 
+def test_page_starts_from_the_demo_models_defaults(page):
+    from ldm.generation.model import DEMO_SCALE
+    values = {field.flag: field.value for field in page.app.basic}
+    assert (values["--scale"], values["--ddim_steps"], values["--n_samples"]) == (str(DEMO_SCALE), "25", "4")
+    assert f'value="{DEMO_SCALE}"' in page.app.page.decode()
+
+
 def test_page_shows_both_rows_with_the_prompt_and_seed_of_every_column(page):
     result = submit(page, {**FORM, "--shared-attn-mode": "", "--shared-attn-steps": ""})["result"]
     assert [row["label"] for row in result["rows"]] == ["no sharing (seeds 7-8)", "shared (seeds 7-8)"]

@@ -20,12 +20,15 @@ import torch
 from ldm.data.render import render_scene
 from ldm.data.world import Scene
 from ldm.errors import InvalidValue
+from ldm.eval.consistency import _notes as consistency_notes
 from ldm.eval.metrics_v2 import (ATTRIBUTES, WORLD_V2_METRICS, colour_histogram, mask_layout,
                                  mean_histogram_intersection, mean_pairwise_iou, named_accuracy, open_agreement,
                                  open_attributes, world_metrics)
-from ldm.eval.prompt_sets import WORLD_V2_PROMPTS, generation_prompt, image_prompts, story_parts
+from ldm.eval.prompt_sets import (SYNTHETIC_PROMPTS, WORLD_V2_PROMPTS, generation_prompt, image_prompts,
+                                  story_parts)
 from ldm.eval.scene_classifier import SceneClassifier, save_scene_classifier
 from ldm.eval.subject_mask_iou import MaskRecorder, step_buckets, step_ious
+from ldm.generation.model import DEMO_V1_CKPT
 from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings, batch_layout
 from tests.conftest import TINY_CONFIG, load_script
 from tests.world_fixtures import TINY_CLASSIFIER, tiny_model_loaded_once, usage_error, write_tiny_world_files
@@ -298,6 +301,39 @@ def test_stories_and_segmenter_need_world_v2(files, tmp_path, capsys):
     v1[v1.index("--prompts") + 1] = str(tmp_path / "story.txt")
     assert "story" in run_cli(v1, capsys)
 
+
+
+# ----------------------------------------------------------------------------- which world is measured by default
+
+
+def request_for(tmp_path: Path, *args: str):
+    """The script's checked request (nothing generated, no weights loaded)."""
+    return eval_script.build_request(eval_script.parse_args([*args, "--outdir", str(tmp_path / "out")]))
+
+
+def test_the_demo_model_is_measured_in_the_world_v2_by_default(tmp_path):
+    request = request_for(tmp_path, "--demo")
+    assert (request.model_world, request.world, request.prompts) == ("v2", "v2", WORLD_V2_PROMPTS)
+    assert request.segmenter_path is not None and consistency_notes(request) == []  # no "labels mean little"
+
+
+@pytest.mark.parametrize("world", [(), ("--world", "v1")], ids=["default", "--world v1"])
+def test_the_v1_demo_model_given_by_its_paths_is_measured_in_the_world_v1(tmp_path, world):
+    request = request_for(tmp_path, "--config", "configs/demo/demo-inference.yaml",
+                          "--ckpt", "models/demo/demo.safetensors", *world)
+    assert (request.model_world, request.world, request.prompts) == ("v1", "v1", SYNTHETIC_PROMPTS)
+    assert request.ckpt_path.resolve() == DEMO_V1_CKPT and request.segmenter_path is None
+
+
+def test_feature_models_measure_the_demo_model_through_the_world_v1_path(tmp_path):
+    request = request_for(tmp_path, "--demo", "--features", "clip", "--feature-model", str(tmp_path))
+    assert (request.model_world, request.world, request.features) == ("v2", "v1", "clip")
+
+
+def test_instruments_of_the_other_world_are_run_with_a_note_saying_which_world_fits(tmp_path):
+    request = request_for(tmp_path, "--demo", "--world", "v1")
+    assert (request.model_world, request.world) == ("v2", "v1")
+    assert any("use --world v2" in note for note in consistency_notes(request))
 
 # ----------------------------------------------------------------------------- sharing's subject masks
 

@@ -75,7 +75,8 @@ def test_a_request_is_checked_against_the_config_before_any_weight_loads():
 
 @pytest.mark.parametrize("config, geometry", [
     ("configs/stable-diffusion/v1-inference.yaml", (4, 8, 64, 512)),  # its UNet's own image_size (32) is unused
-    ("configs/demo/demo-inference.yaml", (4, 4, 32, 64)),
+    ("configs/demo/v2/demo-inference.yaml", (4, 4, 32, 64)),  # the demo model
+    ("configs/demo/demo-inference.yaml", (4, 4, 32, 64)),  # v1
 ])
 def test_the_latent_geometry_is_read_from_the_config(config, geometry):
     g = read_model_spec(ROOT / config).geometry

@@ -14,6 +14,7 @@ import safetensors.torch
 import torch
 
 from ldm.checkpoint import load_model_from_config
+from ldm.generation.model import DEMO_CKPT, DEMO_V1_CKPT
 from ldm.models.diffusion.ddpm import SCHEDULE_BUFFERS
 from ldm.util import instantiate_from_config
 from tests.conftest import randomize_
@@ -66,11 +67,11 @@ def test_plain_load_state_dict_also_keeps_the_computed_schedule(tiny_config, tin
     assert model.betas.dtype == torch.float32 and torch.equal(model.betas, tiny_state_dict["betas"])
 
 
-def test_the_demo_file_stores_its_schedule_in_float32():
+@pytest.mark.parametrize("ckpt", [DEMO_CKPT, DEMO_V1_CKPT], ids=["demo", "v1"])
+def test_the_demo_files_store_their_schedule_in_float32(ckpt):
+    """The demo model (v2, written by train.py --dtype float16) and v1, which still ships."""
     from safetensors import safe_open
 
-    from ldm.generation.model import DEMO_CKPT
-
-    with safe_open(str(DEMO_CKPT), "pt") as f:
+    with safe_open(str(ckpt), "pt") as f:
         dtypes = {name: f.get_slice(name).get_dtype() for name in SCHEDULE_BUFFERS}
     assert set(dtypes.values()) == {"F32"}, dtypes

@@ -82,8 +82,8 @@ class EvalRequest:
     feature_model: Optional[str] = None
     classifier_path: Optional[Path] = None
     threads: int = 1
-    synthetic_model: bool = True  # a model trained on ldm.data.synthetic, which the classifier reads
-    world: str = "v1"  # "v2": measure with the world v2 instruments (classifier_path, segmenter_path)
+    model_world: Optional[str] = "v2"  # the synthetic world the model draws (None: another model)
+    world: str = "v2"  # the instruments: "v2" (classifier_path, segmenter_path) or "v1" (the attribute classifier)
     segmenter_path: Optional[Path] = None
 
 
@@ -136,12 +136,13 @@ def _notes(request: EvalRequest) -> list[str]:
     if request.features is not None:
         notes.append(f"--features {request.features}: the attribute classifier was not used, so agreement, "
                      "accuracy and layout spread are left empty")
-    elif request.world == "v2" and request.synthetic_model:
-        notes.append("the world v2 instruments read scenes of ldm.data.world; the shipped demo model draws v1's "
-                     "synthetic objects, so their labels mean little for it")
-    elif not request.synthetic_model and request.world == "v1":
-        notes.append("the attribute classifier was trained on the synthetic objects of ldm.data.synthetic; "
-                     "for other models its labels mean little (use --features dino or clip)")
+    elif request.model_world is None:
+        notes.append(f"the world {request.world} instruments were trained on that synthetic world's renders; "
+                     "for other models their labels mean little (use --features dino or clip)")
+    elif request.model_world != request.world:
+        notes.append(f"the world {request.world} instruments read that world's images, but this model draws the "
+                     f"world {request.model_world}, so their labels mean little for it (use --world "
+                     f"{request.model_world})")
     if request.sampling.set_size < 2:
         notes.append("sets of one image: nothing is shared, and within-set scores are empty")
     return notes

@@ -35,7 +35,7 @@ from PIL import Image
 from ldm.data.prompts import parse_prompt, scene_for_prompt
 from ldm.data.render import render_scene
 from ldm.eval.metrics_v2 import open_attributes
-from ldm.generation import GenerationRequest, LoadedModel, generate, save_result
+from ldm.generation import DEMO_SCALE, GenerationRequest, LoadedModel, generate, save_result
 from ldm.generation.images import image_to_tensor
 from ldm.modules.shared_attention import SharedAttentionSettings
 
@@ -62,7 +62,7 @@ class ReferenceEvalRequest:
     groups: tuple[str, ...] = ("up", "all")
     subjects: tuple[str, ...] = ("furniture", "face")
     steps: int = 25
-    scale: float = 3.0
+    scale: float = DEMO_SCALE
     precision: str = "full"
 
     @property

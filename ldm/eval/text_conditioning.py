@@ -42,7 +42,7 @@ from torch import nn
 from ldm.data.synthetic import CLASSES, COLOURS, PATTERNS
 from ldm.eval.cross_attention import CrossAttentionRecorder
 from ldm.eval.text_probe import ATTRIBUTES, FEATURES, Prompt, ProbeResult, make_prompt, probe_attribute, token_roles
-from ldm.generation import generate_latents
+from ldm.generation import DEMO_SCALE, generate_latents
 from ldm.models.diffusion.ddim import DDIMSampler
 
 # What the two prompts of a pair differ in, with an example pair.
@@ -63,7 +63,7 @@ class TextConditioningRequest:
     latents: int = 8  # reference images for the sensitivity and attention measurements
     seed: int = 0
     steps: int = 25  # DDIM steps that generate the reference images
-    scale: float = 3.0  # their guidance scale
+    scale: float = DEMO_SCALE  # their guidance scale
     fractions: tuple[float, ...] = (0.25, 0.5, 0.75)
     probe_steps: int = 500
     batch_size: int = 64  # images per UNet forward pass (whole prompts: at least one prompt's images)

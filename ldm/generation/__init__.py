@@ -1,7 +1,7 @@
 """Generating images: a checked request in, PIL images with their metadata out (the Python API).
 
-    from ldm.generation import GenerationRequest, generate, load_demo_model
-    result = generate(load_demo_model(), GenerationRequest(prompt="a chair", steps=25, scale=3.0))
+    from ldm.generation import DEMO_SCALE, GenerationRequest, generate, load_demo_model
+    result = generate(load_demo_model(), GenerationRequest(prompt="a chair", steps=25, scale=DEMO_SCALE))
 
 Modules: `request` (what to generate, checked), `generate` (the run), `model` (configs, loading,
 devices), `sampling` (one batch of latents), `images` (pictures, grids, PNG metadata), `inputs`
@@ -11,8 +11,8 @@ from ldm.generation.generate import (BatchImages, GeneratedImage, GenerationResu
                                      generate)
 from ldm.generation.images import image_grid, image_to_tensor, read_png_metadata, tensor_to_images
 from ldm.generation.inputs import fit_to_multiple, open_image, read_prompt_file
-from ldm.generation.model import (ConfigError, LatentGeometry, LoadedModel, ModelSpec, choose_device, load_demo_model,
-                                  load_model, precision_scope, read_model_spec)
+from ldm.generation.model import (DEMO_SCALE, ConfigError, LatentGeometry, LoadedModel, ModelSpec, choose_device,
+                                  load_demo_model, load_model, precision_scope, read_model_spec)
 from ldm.generation.outputs import OutputFolder, check_output_folder, new_numbered_folder, save_result
 from ldm.generation.request import GenerationRequest
 from ldm.generation.sampling import (batches, decode_to_images, encode_init_image, encode_steps, generate_latents,
@@ -23,7 +23,8 @@ __all__ = [
     "BatchImages", "GeneratedImage", "GenerationResult", "NonFiniteError", "Progress", "generate",
     "image_grid", "image_to_tensor", "read_png_metadata", "tensor_to_images",
     "fit_to_multiple", "open_image", "read_prompt_file",
-    "ConfigError", "LatentGeometry", "LoadedModel", "ModelSpec", "choose_device", "load_demo_model", "load_model",
+    "DEMO_SCALE", "ConfigError", "LatentGeometry", "LoadedModel", "ModelSpec", "choose_device", "load_demo_model",
+    "load_model",
     "precision_scope", "read_model_spec",
     "OutputFolder", "check_output_folder", "new_numbered_folder", "save_result",
     "GenerationRequest", "batches", "decode_to_images", "encode_init_image", "encode_steps", "generate_latents",

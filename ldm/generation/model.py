@@ -7,7 +7,8 @@
 - `load_model(config, ckpt)` -> `LoadedModel`: the LatentDiffusion module in float32 on a device, with
   its geometry and a record of where it came from (config, checkpoint file name, content fingerprint,
   EMA), which every generated image's metadata repeats.
-- `load_demo_model()`: the tiny model shipped in models/demo/.
+- `load_demo_model()`: the tiny model shipped in models/demo/v2/ (v1, which came before it, stays in
+  models/demo/).
 
 Config layout assumed (CompVis): model.params.{image_size, unet_config, first_stage_config, timesteps};
 the latent side the model was trained at is model.params.image_size (the UNet's own image_size is
@@ -29,8 +30,17 @@ import torch.nn as nn
 from ldm.errors import InvalidValue
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "demo-inference.yaml"
-DEMO_CKPT = REPO_ROOT / "models" / "demo" / "demo.safetensors"
+# The demo model is v2 (scenes of ldm/data/world.py: furniture and faces in rooms, configs/demo/v2/);
+# v1 (the plain synthetic objects of ldm/data/synthetic.py) stays in configs/demo/ and models/demo/.
+DEMO_CONFIG = REPO_ROOT / "configs" / "demo" / "v2" / "demo-inference.yaml"
+DEMO_CKPT = REPO_ROOT / "models" / "demo" / "v2" / "demo.safetensors"
+DEMO_V1_CONFIG = REPO_ROOT / "configs" / "demo" / "demo-inference.yaml"
+DEMO_V1_CKPT = REPO_ROOT / "models" / "demo" / "demo.safetensors"
+# The demo model's classifier-free guidance scale, the one place it is written: the default of --demo
+# (txt2img, img2img, the web page, the measuring scripts), of the world v2 measurements and of the
+# README's example. It is the scale the rule of configs/demo/v2/README.md picks for the shipped weights
+# (3 or 5, "How the demo model v2 is judged"); v1's was 3.
+DEMO_SCALE = 5.0
 UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)  # UNetModel's default, for configs that leave it out
 
 
@@ -196,10 +206,11 @@ def load_model(config: str | os.PathLike | ModelSpec, ckpt: str | os.PathLike, *
 
 
 def load_demo_model(device: str | torch.device = "cpu", verbose: bool = False) -> LoadedModel:
-    """The tiny text-to-image model shipped in models/demo/ (64 px chairs, tables, lamps and vases)."""
+    """The tiny text-to-image model shipped in models/demo/v2/ (64 px scenes: a chair, table, lamp, vase or
+    face in front of a wall and floor, or a backdrop)."""
     if not DEMO_CKPT.exists():
         raise FileNotFoundError(f"the demo model is missing at {DEMO_CKPT}; it ships with the repository, so "
-                                "restore it with git (git checkout -- models/demo)")
+                                "restore it with git (git checkout -- models/demo/v2)")
     return load_model(DEMO_CONFIG, DEMO_CKPT, device=device, verbose=verbose)
 
 
@@ -241,7 +252,7 @@ def cpu_has_native_bfloat16() -> bool:
 def autocast_dtype(precision: str, device: torch.device) -> torch.dtype | None:
     """None (plain float32) or the autocast dtype of `precision` on `device`:
     - "autocast": float16 on CUDA (as CompVis); bfloat16 on a CPU that computes it in hardware, where it
-      is faster and changes the demo model's images by under a level on average; float32 elsewhere (on
+      is faster and changes the v1 demo model's images by under a level on average; float32 elsewhere (on
       other CPUs bfloat16 is slower, and MPS gains nothing measured here).
     - "bfloat16": bfloat16 on the CPU (any) and CUDA; "full": float32 everywhere."""
     if precision == "autocast" and device.type == "cuda":
