@@ -189,7 +189,10 @@ def draw_study(points: Sequence[ConfigurationMeans], title: str) -> Image.Image:
         if p.name == chosen:
             draw.rectangle((cx - 15, cy - 15, cx + 15, cy + 15), outline="black", width=2)
         alignment = "" if math.isnan(p.acc_specified) else f" ({p.acc_specified:.2f})"
-        draw.text((cx + 18, cy - 2), p.name + alignment, fill="black", font=font, anchor="lm")
+        if cx > left + 0.7 * (right - left):  # near the right edge the label goes left of its point
+            draw.text((cx - 18, cy - 2), p.name + alignment, fill="black", font=font, anchor="rm")
+        else:
+            draw.text((cx + 18, cy - 2), p.name + alignment, fill="black", font=font, anchor="lm")
     legend = ("(number) = acc_specified, the prompt alignment of the named attributes; colour: blue = as 'off', "
               "red = 0.1 or more below it", "green ring and line = Pareto front; black box = recommended setting")
     for row, text in enumerate(legend):
