@@ -43,9 +43,12 @@ def float32_run():
 
 # Stated bounds from one measurement on the v1 demo model (4 steps: float16 latents within 0.022, bfloat16
 # within 0.15 of a latent range of 8.4; mean pixel difference 0.05 and 0.48 of 255), with room for other
-# step counts. Unchanged for v2, whose earlier stages' weights also ran within them at this test's 2 steps.
-@pytest.mark.parametrize("dtype, latent_bound, pixel_bound", [(torch.float16, 0.1, 1.0),
-                                                             (torch.bfloat16, 0.6, 3.0)])
+# step counts: 0.1 and 0.6 of that range of 8.4, written as fractions of the float32 latent's range so that
+# they carry over to the demo model v2, whose latents span more (20.3 at this test's 2 steps, scale factor
+# 0.27 against v1's 0.48). Measured on v2 at 2 steps: float16 0.034 (0.2% of the range), bfloat16 0.687
+# (3.4%); mean pixel difference 0.13 and 2.04.
+@pytest.mark.parametrize("dtype, latent_bound, pixel_bound", [(torch.float16, 0.1 / 8.4, 1.0),
+                                                             (torch.bfloat16, 0.6 / 8.4, 3.0)])
 def test_the_demo_model_runs_end_to_end_in_half_precision(float32_run, dtype, latent_bound, pixel_bound):
     request, reference = float32_run
     model = load_demo_model()
@@ -55,7 +58,8 @@ def test_the_demo_model_runs_end_to_end_in_half_precision(float32_run, dtype, la
     sample = generate(model, request).samples[0]  # NonFiniteError if anything overflowed
     assert torch.isfinite(sample.latent).all()
     assert sample.metadata["precision"] == str(dtype).removeprefix("torch.")  # what ran, not "float32"
-    assert (sample.latent - reference.latent).abs().max() < latent_bound
+    latent_range = float(reference.latent.max() - reference.latent.min())
+    assert (sample.latent - reference.latent).abs().max() < latent_bound * latent_range
     pixels = np.abs(np.asarray(sample.image, dtype=float) - np.asarray(reference.image, dtype=float))
     assert pixels.mean() < pixel_bound
 
