@@ -22,25 +22,24 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ldm.cli import ArgumentParser, UsageError, check_checkpoint, model_spec, resolve_path, run_cli  # noqa: E402
-from ldm.eval.consistency import check_results_folder  # noqa: E402
+from ldm.cli import (DEMO_CKPT, DEMO_CONFIG, ArgumentParser, UsageError, check_checkpoint, model_spec,  # noqa: E402
+                     resolve_path, run_cli)
+from ldm.eval.consistency import WORLD_V2_CLASSIFIER, check_results_folder  # noqa: E402
 from ldm.eval.prompt_following import (DEFAULT_OUTPUT_ROOT, DEFAULT_PROMPT_COUNT, DEFAULT_SCALES,  # noqa: E402
                                        HELD_OUT_SEED, PromptFollowingRequest, evaluate_prompt_following)
 from ldm.generation.model import choose_device  # noqa: E402
 
-DEMO_V2_CONFIG = "configs/demo/v2/demo-inference.yaml"
-DEMO_V2_CKPT = "models/demo/v2/demo.safetensors"
-DEMO_V2_CLASSIFIER = "models/demo/v2/scene_classifier.safetensors"
+DEMO_CLASSIFIER = str(WORLD_V2_CLASSIFIER)  # the demo model (v2) is read by the world v2 scene classifier
 FLAGS = {"seeds": "--seeds", "count": "--prompts", "scales": "--scales", "steps": "--steps",
          "batch_size": "--batch-size", "threads": "--threads", "device": "--device", "classifier": "--classifier"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", default=DEMO_V2_CONFIG, help=f"model config (default {DEMO_V2_CONFIG})")
-    parser.add_argument("--ckpt", default=DEMO_V2_CKPT, help=f"its weights (default {DEMO_V2_CKPT})")
-    parser.add_argument("--classifier", default=DEMO_V2_CLASSIFIER,
-                        help=f"world v2 scene classifier (default {DEMO_V2_CLASSIFIER})")
+    parser.add_argument("--config", default=DEMO_CONFIG, help=f"model config (default {DEMO_CONFIG})")
+    parser.add_argument("--ckpt", default=DEMO_CKPT, help=f"its weights (default {DEMO_CKPT})")
+    parser.add_argument("--classifier", default=DEMO_CLASSIFIER,
+                        help=f"world v2 scene classifier (default {DEMO_CLASSIFIER})")
     parser.add_argument("--seeds", default=str(HELD_OUT_SEED),
                         help=f"comma-separated held-out data seeds of the captions (default {HELD_OUT_SEED})")
     parser.add_argument("--prompts", type=int, default=DEFAULT_PROMPT_COUNT,
@@ -81,8 +80,8 @@ def build_request(opt: argparse.Namespace) -> PromptFollowingRequest:
         threads=opt.threads, device=opt.device, precision=opt.precision,
         outdir=Path(opt.outdir) if opt.outdir else None)
     if not resolve_path(opt.ckpt).exists():
-        hint = ("the demo model v2 is trained by step 3 of configs/demo/v2/README.md" if opt.ckpt == DEMO_V2_CKPT
-                else "pass the weights of a world v2 model")
+        hint = ("the demo model ships with the repository: restore it with git (git checkout -- models/demo/v2)"
+                if opt.ckpt == DEMO_CKPT else "pass the weights of a world v2 model")
         raise UsageError(f"--ckpt {opt.ckpt}: no such file; {hint}")
     opt.demo = False
     spec = model_spec(opt)

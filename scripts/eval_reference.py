@@ -29,23 +29,22 @@ from ldm.cli import (DEMO_CKPT, DEMO_CONFIG, ArgumentParser, UsageError, check_c
                      resolve_path, run_cli)
 from ldm.eval.reference_consistency import (APPEARANCE, REFERENCE_PROMPTS, ReferenceEvalRequest,  # noqa: E402
                                             evaluate_references, summarize_references)
-from ldm.eval.consistency import check_results_folder  # noqa: E402
+from ldm.eval.consistency import WORLD_V2_CLASSIFIER, check_results_folder  # noqa: E402
 from ldm.eval.report import write_csv  # noqa: E402
 from ldm.generation.images import image_grid  # noqa: E402
 from ldm.generation.model import DEMO_SCALE  # noqa: E402
 
-V2_CONFIG, V2_CKPT = DEMO_CONFIG, DEMO_CKPT  # the demo model is the world v2 model
-V2_CLASSIFIER = "models/demo/v2/scene_classifier.safetensors"
+DEMO_CLASSIFIER = str(WORLD_V2_CLASSIFIER)  # the demo model (v2) is read by the world v2 scene classifier
 FLAGS = {"seeds": "--seeds", "groups": "--groups", "steps": "--steps", "scale": "--scale", "outdir": "--outdir",
          "classifier": "--classifier", "references": "--config/--ckpt", "sharing.groups": "--groups"}
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     parser = ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--config", type=str, default=V2_CONFIG, help=f"model config (default {V2_CONFIG})")
-    parser.add_argument("--ckpt", type=str, default=V2_CKPT, help=f"its checkpoint (default {V2_CKPT})")
-    parser.add_argument("--classifier", type=str, default=V2_CLASSIFIER,
-                        help=f"the world v2 scene classifier (default {V2_CLASSIFIER})")
+    parser.add_argument("--config", type=str, default=DEMO_CONFIG, help=f"model config (default {DEMO_CONFIG})")
+    parser.add_argument("--ckpt", type=str, default=DEMO_CKPT, help=f"its checkpoint (default {DEMO_CKPT})")
+    parser.add_argument("--classifier", type=str, default=DEMO_CLASSIFIER,
+                        help=f"the world v2 scene classifier (default {DEMO_CLASSIFIER})")
     parser.add_argument("--seeds", type=str, default="0,1,2,3,4", help="comma-separated seeds (default 0,1,2,3,4)")
     parser.add_argument("--groups", type=str, default="up,all", help="layer groups, one condition each (default up,all)")
     parser.add_argument("--subjects", type=str, default="furniture,face",
