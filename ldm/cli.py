@@ -189,7 +189,7 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                        help="anchor images (anchor mode; default 1)")
     group.add_argument("--shared-attn-steps", type=str, default=None, metavar="START:END",
                        help="fraction of the sampling steps with sharing on, e.g. 0:0.4 for the first 40%% "
-                            "(default 0:1)")
+                            "(default 0:1); img2img reads it on the whole grid, where its run starts part way")
     group.add_argument("--shared-attn-strength", type=float, default=None, metavar="S",
                        help="logit bias on the other images' keys: 0 plain (default), <0 weaker, >0 stronger, -inf off")
     group.add_argument("--shared-attn-reference", type=str, action="append", default=None, metavar="IMAGE",

@@ -5,9 +5,11 @@
 
 The init image is resized to a multiple of what the model needs (64 px for SD v1), encoded, noised to
 the level of step int(strength * ddim_steps) with each image's own seed, and denoised that many DDIM
-steps: strength 0 keeps the init image, strength 1 ignores it. The --shared-attn-steps window counts
-the steps that run. Outputs, seeds and metadata work as in txt2img; the metadata also holds the
-strength and the init image's file name.
+steps: strength 0 keeps the init image, strength 1 ignores it. The --shared-attn-steps window is read
+on the whole grid, as in txt2img (at strength 0.5 the first step run is at 0.5, so a window 0:0.5 shares
+nothing); --shared-attn-reference works as in txt2img, each step reading the reference's record at its
+own noise level. Outputs, seeds and metadata work as in txt2img; the metadata also holds the strength
+and the init image's file name.
 """
 from __future__ import annotations
 

@@ -62,6 +62,16 @@ def test_a_bad_request_is_an_invalid_value_naming_its_field(changes, field):
     assert str(error.value).startswith(f"{field}=")
 
 
+def test_an_img2img_step_window_is_read_on_the_whole_grid():
+    """Strength 0.5 of 10 steps samples grid steps 5-9 (fractions 0.5-0.9): a window 0:0.5 selects none."""
+    init = Image.new("RGB", (64, 64))
+    with pytest.raises(InvalidValue, match=r"they start at fractions 0.5, 0.6, 0.7, 0.8, \.\.\. of the 10-step grid"):
+        GenerationRequest(prompt="a chair", steps=10, init_image=init, strength=0.5,
+                          sharing=SharedAttentionSettings(steps=(0.0, 0.5)))
+    GenerationRequest(prompt="a chair", steps=10, init_image=init, strength=0.5,
+                      sharing=SharedAttentionSettings(steps=(0.0, 0.6)))  # grid step 5 shares
+
+
 def test_a_request_is_checked_against_the_config_before_any_weight_loads():
     spec = read_model_spec(TINY_CONFIG)
     assert (spec.geometry.channels, spec.geometry.factor, spec.geometry.pixel_multiple) == (4, 8, 64)

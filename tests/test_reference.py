@@ -13,6 +13,7 @@ from dataclasses import replace
 
 import numpy as np
 import pytest
+import torch
 from PIL import Image
 from PIL.PngImagePlugin import PngInfo
 
@@ -226,6 +227,76 @@ def test_a_picture_is_given_subject_masks_from_its_prompt_which_must_name_the_su
     assert all(max_difference(a, b) > 1 for a, b in zip(masked, whole))
 
 
+# ----------------------------------------------------------------------------- img2img beside a reference
+# An img2img run starts part way down the grid (strength 0.6 of 5 steps: at grid step 2). Beside a
+# reference, its images are those of a batch in which the reference runs its own whole trajectory and the
+# new images join it at grid step 2, from their noised init latents: at every step they see the
+# reference's keys at the same noise level. The step window (0:0.7) is read on the whole grid, so the
+# run's last step (grid step 4, progress 0.8) shares nothing; counted from the img2img run's own first
+# step it would share at all three.
+IMG2IMG_SHARING = replace(SHARING, steps=(0.0, 0.7))
+
+
+@pytest.fixture(scope="module")
+def five_step_run(model, tmp_path_factory):
+    result = generate(model, replace(FIRST, steps=5, sharing=IMG2IMG_SHARING))
+    return result.images, save_result(result, tmp_path_factory.mktemp("five"), grid=False)
+
+
+def img2img_request(reference, init, **changes) -> GenerationRequest:
+    values = dict(prompt=PROMPTS[1:], seed=8, batch_size=2, steps=5, scale=3.0, sharing=IMG2IMG_SHARING,
+                  references=(str(reference),), precision="full", init_image=init, strength=0.6)
+    return GenerationRequest(**{**values, **changes})
+
+
+def joined_batch_images(model, init) -> list[Image.Image]:
+    """The naive construction: [reference, new images] in one anchor-mode batch, the reference's row
+    started from its seed's noise and run 2 steps, then the noised init latents joined beside it."""
+    from ldm.generation.images import image_to_tensor
+    from ldm.generation.sampling import (conditionings, decode_to_images, encode_init_image, seeded_generators,
+                                         sharing_scope)
+    from ldm.models.diffusion.ddim import DDIMSampler
+    from ldm.models.diffusion.sampling_util import draw_noise
+    module, seeds = model.module, [7, 8, 9]
+    with torch.no_grad():
+        sampler = DDIMSampler(module)
+        conditional, unconditional = conditionings(module, PROMPTS, "", 3.0)
+        guidance = dict(unconditional_guidance_scale=3.0, unconditional_conditioning=unconditional, verbose=False)
+        x_T = draw_noise((3, 4, 8, 8), seeded_generators(seeds), module.device)  # (B, C, h, w)
+        with sharing_scope(module, IMG2IMG_SHARING, PROMPTS, seeds):
+            _, intermediates = sampler.sample(5, 3, (4, 8, 8), conditioning=conditional, x_T=x_T, log_every_t=1,
+                                              **guidance)
+        reference_after_two = intermediates["x_inter"][2][:1]  # (1, C, h, w)
+        x0 = encode_init_image(module, image_to_tensor(init)).expand(2, -1, -1, -1)
+        noise = draw_noise(tuple(x0.shape), seeded_generators(seeds[1:]), module.device)
+        joined = torch.cat([reference_after_two, sampler.stochastic_encode(x0, 3, noise=noise)])
+        with sharing_scope(module, IMG2IMG_SHARING, PROMPTS, seeds):
+            latents = sampler.decode(joined, conditional, 3, **guidance)
+    return decode_to_images(module, latents)
+
+
+def test_img2img_beside_a_reference_equals_its_images_in_a_batch_the_reference_runs_through(model, five_step_run):
+    images, paths = five_step_run
+    init = images[2]
+    expected = joined_batch_images(model, init)
+    assert max_difference(expected[0], images[0]) <= 1  # the construction's reference is the PNG's image
+    extended = generate(model, img2img_request(paths[0], init)).images
+    assert len(extended) == 2
+    for new, wanted in zip(extended, expected[1:]):
+        assert max_difference(new, wanted) <= 1
+    alone = generate(model, img2img_request(paths[0], init, references=(), sharing=None)).images
+    assert all(max_difference(a, b) > 8 for a, b in zip(extended, alone))
+
+
+def test_a_reference_for_another_image_size_or_an_inpainting_run_is_refused(model, five_step_run):
+    images, paths = five_step_run
+    with pytest.raises(InvalidValue, match=r"H 64 \(this run 128\)"):
+        generate(model, img2img_request(paths[0], images[2].resize((128, 128))))
+    with pytest.raises(InvalidValue, match="an inpainting run cannot take one") as error:
+        img2img_request(paths[0], images[2], mask_image=Image.new("L", (64, 64), 255))
+    assert error.value.field == "mask_image"
+
+
 # ----------------------------------------------------------------------------- the scripts
 @pytest.fixture(scope="module")
 def run_txt2img(tiny_ckpt, tmp_path_factory):
@@ -247,6 +318,27 @@ def test_txt2img_extends_a_set_from_one_of_its_pngs(run_txt2img):
                        "--shared-attn-reference", str(first[0]))
     for new, original in zip(more, first[1:]):
         assert max_difference(Image.open(new).convert("RGB"), Image.open(original).convert("RGB")) <= 1
+
+
+def test_img2img_extends_a_set_from_a_txt2img_png(run_txt2img, model, tiny_ckpt, tmp_path):
+    from tests.conftest import load_script
+    sharing = ["--shared-attn", "all", "--shared-attn-mode", "anchor"]
+    first = run_txt2img("--prompt", "a red chair", "--n_samples", "3", "--seed", "7", *sharing)
+    more = load_script("img2img").main([
+        "--config", str(TINY_CONFIG), "--ckpt", str(tiny_ckpt), "--device", "cpu", "--precision", "full",
+        "--ddim_steps", "3", "--scale", "3", "--n_iter", "1", "--skip_grid", "--outdir", str(tmp_path),
+        "--init-img", str(first[2]), "--strength", "0.7", "--prompt", "a chair on a beach", "--n_samples", "2",
+        "--seed", "8", *sharing, "--shared-attn-reference", str(first[0])])
+    with Image.open(first[2]) as init:
+        wanted = generate(model, GenerationRequest(
+            prompt="a chair on a beach", seed=8, batch_size=2, steps=3, scale=3.0, precision="full",
+            sharing=SharedAttentionSettings(groups=("all",), mode="anchor"), references=(str(first[0]),),
+            init_image=init.convert("RGB"), strength=0.7)).images
+    assert len(more) == 2
+    for path, image in zip(more, wanted):
+        with Image.open(path) as written:
+            assert json.loads(written.text["parameters"])["references"] == [first[0].name]
+            assert max_difference(written.convert("RGB"), image) == 0
 
 
 def test_txt2img_refuses_a_mismatched_reference_in_one_line_before_loading(run_txt2img, tmp_path, monkeypatch):

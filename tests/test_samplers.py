@@ -356,7 +356,8 @@ def test_decode_runs_only_the_last_t_start_steps(t_start, layouts):
     decoded = sampler.decode(x_T, cond, t_start, callback=steps.append, verbose=False)
     assert model.timesteps_seen == sampler.ddim_timesteps[:t_start][::-1].tolist()
     assert steps == list(range(t_start))
-    assert [progress for _, progress in layouts["entered"]] == [i / t_start for i in range(t_start)]
+    # The layers hear each step's place in the whole 10-step grid: decode's first step is step 10 - t_start.
+    assert [progress for _, progress in layouts["entered"]] == [(10 - t_start + i) / 10 for i in range(t_start)]
     if t_start == 0:
         assert torch.equal(decoded, x_T)
 

@@ -176,7 +176,7 @@ def _sample(model: LoadedModel, request: GenerationRequest, sampler: Any, batch:
         return generate_latents(model.module, sampler, batch.prompts, batch.seeds, shape=shape, steps=request.steps,
                                 reference=anchors, **common)
     return img2img_latents(model.module, sampler, init_latent, batch.prompts, batch.seeds, steps=request.steps,
-                           strength=request.strength, **common)
+                           strength=request.strength, reference=anchors, **common)
 
 
 def _reference_anchors(model: LoadedModel, request: GenerationRequest, run: dict[str, Any],

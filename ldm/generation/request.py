@@ -217,8 +217,9 @@ def _check_references(r: GenerationRequest) -> None:
                            "images are the anchors)")
     if not isinstance(r.reference_cache, bool):
         raise InvalidValue("reference_cache", r.reference_cache, "must be True (record once) or False (every batch)")
-    if r.img2img:
-        raise InvalidValue("init_image", r.init_image_name, "references extend text-to-image runs only")
+    if r.inpainting:
+        raise InvalidValue("mask_image", r.mask_image_name, "references extend text-to-image and image-to-image "
+                                                            "runs; an inpainting run cannot take one")
     if r.sampler != "ddim":
         raise InvalidValue("sampler", r.sampler, "a reference's keys are recorded per step, which needs one "
                                                  "model call per step: use DDIM")
@@ -275,11 +276,12 @@ def _check_sharing(r: GenerationRequest) -> None:
         raise InvalidValue("strength", r.strength, f"with {r.steps} steps this runs no denoising step "
                                                    f"(int(strength * steps) = 0), so sharing would do nothing; "
                                                    "raise the strength or turn sharing off")
-    if not r.sharing.steps_in_window(total):
-        starts = ", ".join(f"{i / total:g}" for i in range(min(total, 4))) + (", ..." if total > 4 else "")
+    run = range(r.steps - total, r.steps)  # grid steps sampled: img2img runs the last `total` of them
+    if not any(r.sharing.in_window(i / r.steps) for i in run):
+        starts = ", ".join(f"{i / r.steps:g}" for i in run[:4]) + (", ..." if total > 4 else "")
         raise InvalidValue("sharing.steps", r.sharing.steps,
                            f"the step window selects none of the {total} sampling steps (they start at "
-                           f"fractions {starts} of the run); widen the window or run more steps")
+                           f"fractions {starts} of the {r.steps}-step grid); widen the window or run more steps")
 
 
 def _is_number(value: Any) -> bool:

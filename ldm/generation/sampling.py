@@ -131,12 +131,15 @@ def img2img_latents(model: Any, sampler: DDIMSampler, init_latent: torch.Tensor,
                     seeds: Sequence[int], *, steps: int, strength: float, scale: float, eta: float = 0.0,
                     negative_prompt: str = "", sharing: Optional[SharedAttentionSettings] = None,
                     callback: StepCallback = None, verbose: bool = False,
-                    concat: Optional[torch.Tensor] = None) -> torch.Tensor:
+                    concat: Optional[torch.Tensor] = None, reference: Optional[RecordedAnchors] = None
+                    ) -> torch.Tensor:
     """SDEdit-style img2img (Meng et al., arXiv:2108.01073) with DDIM: noise the init latent
     (1, C, h, w) to the level of step `encode_steps(strength, steps)` with each seed's noise, then
     denoise that many steps. Returns latents (B, C, h, w). Strength 1 starts from (almost) pure noise;
     with no step to run (strength 0) the init latent is returned as it is, not noised to the final level.
-    `concat`: the inpainting model's extra input (see `conditionings`)."""
+    `concat`: the inpainting model's extra input (see `conditionings`). `reference`: anchors recorded
+    along the whole grid (a txt2img batch or an inverted picture); step k of the img2img run reads
+    their record at grid step steps - t_enc + k, the same noise level (see `sharing_scope`)."""
     _check_one_seed_per_prompt(prompts, seeds)
     t_enc = encode_steps(strength, steps)
     x0 = init_latent.to(model.device).expand(len(seeds), -1, -1, -1)  # (1, C, h, w) -> (B, C, h, w)
@@ -147,7 +150,7 @@ def img2img_latents(model: Any, sampler: DDIMSampler, init_latent: torch.Tensor,
     generators = seeded_generators(seeds)
     noise = draw_noise(tuple(x0.shape), generators, model.device)  # (B, C, h, w)
     noised = sampler.stochastic_encode(x0, t_enc, noise=noise)
-    with sharing_scope(model, sharing, prompts, seeds):
+    with sharing_scope(model, sharing, prompts, seeds, reference):
         return sampler.decode(noised, conditioning, t_enc, unconditional_guidance_scale=scale,
                               unconditional_conditioning=unconditional, callback=callback, generator=generators,
                               verbose=verbose)

@@ -10,7 +10,8 @@ Every sampler calls `ClassifierFreeGuidance` for each model evaluation and never
   result would equal eps_c, so only the conditional batch is run (half the compute).
 - Every model call is wrapped in `shared_attention.batch_layout(model, halves, progress)` so the
   UNet's batch-shared attention never mixes the two halves and knows the sampling progress:
-  progress = step_index / total_steps, 0 for the first (noisiest) step. The step comes from the
+  progress = step_index / total_steps, 0 for the first (noisiest) step of the whole grid (img2img,
+  which runs its last steps only, starts part way). The step comes from the
   sampler, never from counting model calls (PLMS evaluates the model twice in its first step).
 
 Assumes latents (B, C, H, W), timesteps shared by the whole batch, and conditionings that are

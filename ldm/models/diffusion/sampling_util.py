@@ -247,13 +247,18 @@ class DiffusionSampler:
                  img_callback: Optional[Callable[[torch.Tensor, int], None]] = None,
                  log_every_t: int = 100, generator: Generators = None,
                  verbose: bool = True) -> tuple[torch.Tensor, dict[str, list[torch.Tensor]]]:
-        """Run the last `num_steps` steps of the grid (all of them for txt2img), noisiest first."""
+        """Run the last `num_steps` steps of the grid (all of them for txt2img), noisiest first.
+
+        The guidance hears each step's place in the whole grid (img2img's first step of 50 at strength
+        0.5 is step 25 of 50, progress 0.5), so a step window and recorded anchors mean the same noise
+        level in txt2img and img2img; `callback(i)` counts the steps run here, from 0."""
         intermediates = {"x_inter": [x], "pred_x0": [x]}
-        run = SamplingRun(guide, total_steps=num_steps, generator=generator)
+        grid_steps = len(self.ddim_timesteps)
+        run = SamplingRun(guide, total_steps=grid_steps, generator=generator)
         indices = range(num_steps - 1, -1, -1)
         steps = tqdm(indices, desc=self.progress_name, total=num_steps) if verbose else indices
         for step_index, index in enumerate(steps):
-            run.step_index = step_index
+            run.step_index = grid_steps - 1 - index
             x, pred_x0 = self._step(x, index, run)
             # CompVis logs every log_every_t-th grid position and the first step.
             if index % log_every_t == 0 or index == num_steps - 1:
