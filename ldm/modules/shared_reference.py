@@ -17,8 +17,9 @@ split:
   layer, step and guidance half], exactly the keys a non-anchor image sees in anchor mode: all of
   them, or with subject words and dropout the gathered ones (the batch's gathered kernel).
 
-Keys are the step's progress (step index / number of steps, as the guidance helper reports it) and
-the layer's module path; the later run must sample the same steps (one model call per step: DDIM).
+Keys are the step's progress (step index / number of steps of the whole grid, as the guidance helper
+reports it) and the layer's module path; the later run must sample the same grid (one model call per
+step: DDIM), all of it (txt2img) or its last steps (img2img, which reads the record at those steps).
 Tensors: k, v (B, heads, N, d) as the layer computes them; the record holds (halves, A, heads, N, d),
 masks (A, N) bool, statistics (halves, A, heads, 1, d).
 """
