@@ -1,4 +1,4 @@
-"""The demo model v2 recipe (configs/demo/v2/): written down, not yet run; these check it is runnable as written."""
+"""The demo model v2 recipe (configs/demo/v2/, scripts/demo_v2_recipe.sh): checks that it runs as written."""
 from __future__ import annotations
 
 import torch
@@ -54,3 +54,42 @@ def test_v2_model_trains_its_text_encoder_with_the_unet():
     loss.backward()
     optimizer.step()
     assert not torch.equal(before, text.transformer.text_model.final_layer_norm.weight)
+
+
+# ----------------------------------------------------------------------------- scripts/demo_v2_recipe.sh
+def run_recipe(*args: str):
+    import subprocess
+    return subprocess.run(["bash", str(ROOT / "scripts" / "demo_v2_recipe.sh"), *args], capture_output=True,
+                          text=True, timeout=120)
+
+
+def test_the_recipe_runner_resumes_past_finished_stages_and_chains_each_stage_to_the_previous_one(tmp_path):
+    """Every stage's file already in OUTDIR: nothing trains, and the configs each stage would be given
+    read the autoencoder, the scale factor and the previous stage from OUTDIR."""
+    outputs = ["instruments.json", "autoencoder-stage1.safetensors", "autoencoder.safetensors"]
+    outputs += [f"demo-stage{k}.safetensors" for k in range(1, 6)]
+    for name in outputs:
+        (tmp_path / name).write_bytes(b"")
+    (tmp_path / "scale-factor.txt").write_text("0.2656\n")
+    done = run_recipe(str(tmp_path))
+    assert done.returncode == 0, done.stderr
+    assert done.stdout.count("skipped") == len(outputs) + 1  # and the scale factor
+    assert (tmp_path / "times.tsv").read_text().splitlines() == ["stage\tstart\tend\tseconds"]  # nothing ran
+    chain = tmp_path / "chain"
+    stage5 = OmegaConf.merge(*(OmegaConf.load(p) for p in (
+        V2 / "demo-inference.yaml", V2 / "demo-train.yaml", V2 / "demo-train-stage3.yaml",
+        V2 / "demo-train-stage5.yaml", chain / "scale-factor.yaml", chain / "demo-stage5.yaml")))
+    assert stage5.model.params.ckpt_path == str(tmp_path / "demo-stage4.safetensors")
+    assert stage5.model.params.first_stage_config.params.ckpt_path == str(tmp_path / "autoencoder.safetensors")
+    assert stage5.model.params.scale_factor == 0.2656
+    assert stage5.trainer.max_steps == 3000 and stage5.model.base_learning_rate == 1.0e-04  # stage 5's own
+    stage1 = OmegaConf.merge(OmegaConf.load(V2 / "demo-train.yaml"), OmegaConf.load(chain / "demo-stage1.yaml"))
+    assert "ckpt_path" not in stage1.model.params  # stage 1 starts from random weights
+    autoencoder2 = OmegaConf.merge(OmegaConf.load(V2 / "autoencoder-stage2.yaml"),
+                                   OmegaConf.load(chain / "autoencoder-stage2.yaml"))
+    assert autoencoder2.model.params.ckpt_path == str(tmp_path / "autoencoder-stage1.safetensors")
+
+
+def test_the_recipe_runner_without_a_directory_is_a_usage_error():
+    run = run_recipe()
+    assert run.returncode == 2 and run.stderr.startswith("usage: bash scripts/demo_v2_recipe.sh OUTDIR")
