@@ -74,6 +74,9 @@ stage scale-factor "$OUT/scale-factor.txt" \
         --weights '$OUT/autoencoder.safetensors' --data $V2/autoencoder.yaml --seed 99 --count 64 \
         | tee /dev/stderr | awk '/^scale_factor/ {print \$2}' > '$OUT/scale-factor.txt'"
 printf 'model:\n  params:\n    scale_factor: %s\n' "$(cat "$OUT/scale-factor.txt")" > "$OUT/chain/scale-factor.yaml"
+# The config to sample the finished model with: demo-inference.yaml with this scale factor.
+python -c "import sys; from omegaconf import OmegaConf; OmegaConf.save(OmegaConf.merge(*map(OmegaConf.load, \
+sys.argv[1:3])), sys.argv[3])" $V2/demo-inference.yaml "$OUT/chain/scale-factor.yaml" "$OUT/demo-inference.yaml"
 
 # 3. UNet and text transformer, five stages; 3b's stages add the face-heavy data of stage 3.
 unet_chain demo-stage1

@@ -83,6 +83,8 @@ def test_the_recipe_runner_resumes_past_finished_stages_and_chains_each_stage_to
     assert stage5.model.params.first_stage_config.params.ckpt_path == str(tmp_path / "autoencoder.safetensors")
     assert stage5.model.params.scale_factor == 0.2656
     assert stage5.trainer.max_steps == 3000 and stage5.model.base_learning_rate == 1.0e-04  # stage 5's own
+    sampling = OmegaConf.load(tmp_path / "demo-inference.yaml")  # the finished model's inference config
+    assert sampling.model.params.scale_factor == 0.2656 and "data" not in sampling
     stage1 = OmegaConf.merge(OmegaConf.load(V2 / "demo-train.yaml"), OmegaConf.load(chain / "demo-stage1.yaml"))
     assert "ckpt_path" not in stage1.model.params  # stage 1 starts from random weights
     autoencoder2 = OmegaConf.merge(OmegaConf.load(V2 / "autoencoder-stage2.yaml"),
