@@ -276,9 +276,10 @@ def _check_sharing(r: GenerationRequest) -> None:
         raise InvalidValue("strength", r.strength, f"with {r.steps} steps this runs no denoising step "
                                                    f"(int(strength * steps) = 0), so sharing would do nothing; "
                                                    "raise the strength or turn sharing off")
-    run = range(r.steps - total, r.steps)  # grid steps sampled: img2img runs the last `total` of them
-    if not any(r.sharing.in_window(i / r.steps) for i in run):
-        starts = ", ".join(f"{i / r.steps:g}" for i in run[:4]) + (", ..." if total > 4 else "")
+    first = r.steps - total  # img2img samples the grid's last `total` steps
+    if not r.sharing.steps_in_window(r.steps, first):
+        starts = ", ".join(f"{i / r.steps:g}" for i in range(first, first + min(total, 4))) + (
+            ", ..." if total > 4 else "")
         raise InvalidValue("sharing.steps", r.sharing.steps,
                            f"the step window selects none of the {total} sampling steps (they start at "
                            f"fractions {starts} of the {r.steps}-step grid); widen the window or run more steps")

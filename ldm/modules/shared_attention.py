@@ -276,9 +276,10 @@ class SharedAttentionSettings:
         start, end = self.steps
         return start <= progress < end
 
-    def steps_in_window(self, total_steps: int) -> list[int]:
-        """The indices (0 = first, noisiest) of the steps of a `total_steps`-step run that share."""
-        return [index for index in range(total_steps) if self.in_window(index / total_steps)]
+    def steps_in_window(self, total_steps: int, first: int = 0) -> list[int]:
+        """The indices (0 = first, noisiest) of the steps of a `total_steps`-step grid that share, among
+        those from `first` on (img2img samples the grid's last steps only)."""
+        return [index for index in range(first, total_steps) if self.in_window(index / total_steps)]
 
     def as_metadata(self) -> dict:
         return {**asdict(self), "groups": ",".join(self.groups), "steps": f"{self.steps[0]}:{self.steps[1]}",
