@@ -401,15 +401,13 @@ class SharedAttention:
             layer.batch_sharing = self
         self.unet.shared_attention = self
         s = self.settings
-        if s.dropout > 0:
-            self._generator = torch.Generator().manual_seed((self.seed + DROPOUT_SEED_OFFSET) % 2 ** 63)
+        self._begin_run()
         if s.subject or s.mode == "pooled":
             self._hooks.append(self.unet.register_forward_pre_hook(self._new_call))
             for module in self.unet.modules():
                 if isinstance(module, SpatialTransformer):
                     self._hooks.append(module.register_forward_pre_hook(self._enter_transformer))
         if s.subject:
-            self.masks = SubjectMasks(self.subject_positions)
             for _, tag, layer in cross_attention_layers(self.unet):
                 if self.masks.reads(tag):  # read-only: the hook returns nothing, the output stays the layer's
                     self._hooks.append(layer.register_forward_hook(self._read_cross_attention, with_kwargs=True))
@@ -425,9 +423,20 @@ class SharedAttention:
         self.layout = BatchLayout()
         self.masks, self._generator = None, None
 
+    def _begin_run(self) -> None:
+        """The state one run starts from: a fresh dropout generator and empty subject masks."""
+        if self.settings.dropout > 0:
+            self._generator = torch.Generator().manual_seed((self.seed + DROPOUT_SEED_OFFSET) % 2 ** 63)
+        if self.settings.subject:
+            self.masks = SubjectMasks(self.subject_positions)
+
     # ---- hooks: where the running call is ----------------------------------------------------------
     def _new_call(self, unet: nn.Module, args: tuple) -> None:
-        self.latent_grid = tuple(args[0].shape[-2:])
+        self.start_call(tuple(args[0].shape[-2:]))
+
+    def start_call(self, latent_grid: tuple[int, int]) -> None:
+        """A model call on latents of (h, w) `latent_grid` begins: the subject masks are remade from the calls before."""
+        self.latent_grid = latent_grid
         if self.masks is not None:
             self.masks.new_call()
 
