@@ -123,7 +123,9 @@ def test_a_generation_shows_the_same_seeds_without_and_with_sharing(browser, tmp
     assert "--shared-attn all --compare" in browser.find_element(By.ID, "command").text
     assert browser.find_element(By.ID, "error").get_attribute("hidden") is not None
     browser.save_screenshot(str(tmp_path / "app-page.png"))
-    if os.environ.get("APP_SCREENSHOT"):
+    if os.environ.get("APP_SCREENSHOT"):  # the whole page, both rows included
+        height = browser.execute_script("return document.documentElement.scrollHeight;")
+        browser.set_window_size(1200, height + 120)  # + the window's own bars
         browser.save_screenshot(os.environ["APP_SCREENSHOT"])
 
 
