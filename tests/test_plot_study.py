@@ -11,8 +11,10 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.eval.study_plot import (RECOMMENDATION_RULE, ConfigurationMeans, alignment_colour, pareto_front,
-                                 read_means, recommend)
+from PIL import ImageDraw
+
+from ldm.eval.study_plot import (RECOMMENDATION_RULE, ConfigurationMeans, _font, alignment_colour,
+                                 label_position, pareto_front, read_means, recommend)
 from tests.conftest import load_script
 from tests.world_fixtures import usage_error
 
@@ -132,3 +134,19 @@ def test_bad_inputs_are_one_line_errors_and_write_nothing(tmp_path, capsys):
     out.write_bytes(b"keep")
     assert "--force" in run_cli([str(write_study(tmp_path / "ok")), "--out", str(out)], capsys)
     assert out.read_bytes() == b"keep"
+
+
+def test_labels_of_points_close_together_do_not_overlap():
+    """Three points a pixel apart (as up@others and up@adain nearly were on the v2 plot): each label is
+    put where it meets none drawn before, beside its point on one side or a line above or below."""
+    draw, font = ImageDraw.Draw(Image.new("RGB", (400, 300), "white")), _font()
+    taken = []
+    for i, text in enumerate(["up@others (0.81)", "up@adain (0.91)", "all (0.93)"]):
+        point = (300.0 + i, 150.0 + i)
+        xy, anchor = label_position(draw, font, text, point, True, taken)
+        box = draw.textbbox(xy, text, font=font, anchor=anchor)
+        assert all(box[2] <= o[0] or o[2] <= box[0] or box[3] <= o[1] or o[3] <= box[1] for o in taken)
+        assert abs((box[1] + box[3]) / 2 - point[1]) < 4 * (box[3] - box[1])  # still next to its point
+        taken.append(box)
+    first_xy, first_anchor = label_position(draw, font, "off", (100.0, 100.0), False, [])
+    assert first_anchor == "lm" and first_xy[0] > 100  # a free place: right beside the point, right side

@@ -17,7 +17,7 @@ import csv
 import math
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional, Sequence
+from typing import Any, Optional, Sequence
 
 from PIL import Image, ImageDraw, ImageFont
 
@@ -145,6 +145,27 @@ def alignment_colour(change: float) -> tuple[int, int, int]:
     return (int(40 + 200 * loss), 60, int(220 - 180 * loss))
 
 
+def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float, float]) -> bool:
+    return a[0] < b[2] and b[0] < a[2] and a[1] < b[3] and b[1] < a[3]
+
+
+def label_position(draw: ImageDraw.ImageDraw, font: Any, text: str, point: tuple[float, float], prefer_left: bool,
+                   taken: Sequence[tuple[float, float, float, float]]) -> tuple[tuple[float, float], str]:
+    """Where a point's label goes: beside it on the preferred side, else on the other side, else moved
+    up or down by whole lines, the first place whose box meets no label in `taken` (the beside-it
+    place when none is free). Returns (xy, PIL anchor)."""
+    cx, cy = point
+    sides = [(cx - 18, "rm"), (cx + 18, "lm")] if prefer_left else [(cx + 18, "lm"), (cx - 18, "rm")]
+    line = FONT_SIZE + 4
+    for shift in (0, 1, -1, 2, -2, 3, -3):
+        for x, anchor in sides:
+            xy = (x, cy - 2 + shift * line)
+            box = draw.textbbox(xy, text, font=font, anchor=anchor)
+            if not any(_overlaps(box, other) for other in taken):
+                return xy, anchor
+    return (sides[0][0], cy - 2), sides[0][1]
+
+
 def draw_study(points: Sequence[ConfigurationMeans], title: str) -> Image.Image:
     """Subject consistency (x) against background diversity (y), one labelled point per configuration with
     its alignment; the Pareto front joined and ringed; the recommended configuration boxed."""
@@ -188,11 +209,14 @@ def draw_study(points: Sequence[ConfigurationMeans], title: str) -> Image.Image:
             draw.ellipse((cx - 11, cy - 11, cx + 11, cy + 11), outline=(0, 150, 0), width=2)
         if p.name == chosen:
             draw.rectangle((cx - 15, cy - 15, cx + 15, cy + 15), outline="black", width=2)
+    taken: list[tuple[float, float, float, float]] = []  # boxes of the labels drawn so far
+    for p in shown:
+        cx, cy = at(p.x, p.y)
         alignment = "" if math.isnan(p.acc_specified) else f" ({p.acc_specified:.2f})"
-        if cx > left + 0.7 * (right - left):  # near the right edge the label goes left of its point
-            draw.text((cx - 18, cy - 2), p.name + alignment, fill="black", font=font, anchor="rm")
-        else:
-            draw.text((cx + 18, cy - 2), p.name + alignment, fill="black", font=font, anchor="lm")
+        prefer_left = cx > left + 0.7 * (right - left)  # near the right edge the label goes left of its point
+        xy, anchor = label_position(draw, font, p.name + alignment, (cx, cy), prefer_left, taken)
+        taken.append(draw.textbbox(xy, p.name + alignment, font=font, anchor=anchor))
+        draw.text(xy, p.name + alignment, fill="black", font=font, anchor=anchor)
     legend = ("(number) = acc_specified, the prompt alignment of the named attributes; colour: blue = as 'off', "
               "red = 0.1 or more below it", "green ring and line = Pareto front; black box = recommended setting")
     for row, text in enumerate(legend):
