@@ -43,7 +43,7 @@ from einops import rearrange
 
 from ldm.modules.diffusionmodules.openaimodel import TAG_BASE_RESOLUTION
 from ldm.modules.shared_attention import BatchLayout, SharedAttention, SharedAttentionSettings, selected_tags
-from ldm.modules.subject_masks import MASK_LEVELS, subject_token_positions
+from ldm.modules.subject_masks import SubjectMasks, subject_token_positions
 
 _ATTENTION = re.compile(r"(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.attentions\.\d+\."
                         r"transformer_blocks\.\d+\.(attn1|attn2)\.processor")
@@ -170,7 +170,7 @@ class DiffusersSharedAttention(SharedAttention):
         chosen = selected_tags(list(tags.values()), settings.groups)
         self.layers = [(name, tag) for (name, tag), keep in zip(tags.items(), chosen) if keep]
         self.readers = [(name, tag) for name, tag in _layer_tags(self.unet, "attn2").items()
-                        if settings.subject and tag.split(".")[1] in MASK_LEVELS]
+                        if settings.subject and SubjectMasks.reads(tag)]
         self.layout = BatchLayout()
         self._previous: dict[str, Any] = {}
         self._hook: Any = None

@@ -127,7 +127,8 @@ class SubjectMasks:
         self._mask: Optional[torch.Tensor] = None  # (Bc, H, W) bool for the running call
         self._resized: dict[tuple[int, int], torch.Tensor] = {}
 
-    def reads(self, tag: Optional[str]) -> bool:
+    @staticmethod
+    def reads(tag: Optional[str]) -> bool:
         """Whether the cross-attention layer of level `tag` (e.g. "up.32") feeds the masks."""
         return tag is not None and tag.split(".")[1] in MASK_LEVELS
 
