@@ -89,14 +89,19 @@ def _plain_ids(tokenizer: Any) -> Any:
     return SimpleNamespace(encode=lambda text: tokenizer(text, add_special_tokens=False).input_ids)
 
 
-class SharedSelfAttentionProcessor:
-    """A diffusers attention processor for one `attn1`: this project's batch sharing while the controller
-    applies (step window, strength), the layer's original processor otherwise."""
+class _LayerProcessor:
+    """A processor put in place of one layer's own (`original`, kept to call and to restore), knowing
+    the controller and the layer's level tag."""
 
     def __init__(self, controller: "DiffusersSharedAttention", original: Any, tag: str) -> None:
         self.controller = controller
         self.original = original
         self.tag = tag
+
+
+class SharedSelfAttentionProcessor(_LayerProcessor):
+    """A diffusers attention processor for one `attn1`: this project's batch sharing while the controller
+    applies (step window, strength), the layer's original processor otherwise."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
@@ -120,14 +125,9 @@ class SharedSelfAttentionProcessor:
         return out / attn.rescale_output_factor
 
 
-class SubjectReadingProcessor:
+class SubjectReadingProcessor(_LayerProcessor):
     """A diffusers attention processor for one `attn2` feeding the subject masks: it reads the layer's
     queries and keys (conditional half) and returns what the layer's own processor computes, unchanged."""
-
-    def __init__(self, controller: "DiffusersSharedAttention", original: Any, tag: str) -> None:
-        self.controller = controller
-        self.original = original
-        self.tag = tag
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
