@@ -9,9 +9,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from PIL import Image
-
-from PIL import ImageDraw
+from PIL import Image, ImageDraw
 
 from ldm.eval.study_plot import (RECOMMENDATION_RULE, ConfigurationMeans, _font, alignment_colour,
                                  label_position, pareto_front, read_means, recommend)
@@ -143,10 +141,11 @@ def test_labels_of_points_close_together_do_not_overlap():
     taken = []
     for i, text in enumerate(["up@others (0.81)", "up@adain (0.91)", "all (0.93)"]):
         point = (300.0 + i, 150.0 + i)
-        xy, anchor = label_position(draw, font, text, point, True, taken)
+        xy, anchor, placed = label_position(draw, font, text, point, True, taken)
         box = draw.textbbox(xy, text, font=font, anchor=anchor)
+        assert placed == box
         assert all(box[2] <= o[0] or o[2] <= box[0] or box[3] <= o[1] or o[3] <= box[1] for o in taken)
         assert abs((box[1] + box[3]) / 2 - point[1]) < 4 * (box[3] - box[1])  # still next to its point
         taken.append(box)
-    first_xy, first_anchor = label_position(draw, font, "off", (100.0, 100.0), False, [])
+    first_xy, first_anchor, _ = label_position(draw, font, "off", (100.0, 100.0), False, [])
     assert first_anchor == "lm" and first_xy[0] > 100  # a free place: right beside the point, right side

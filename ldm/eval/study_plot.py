@@ -150,10 +150,11 @@ def _overlaps(a: tuple[float, float, float, float], b: tuple[float, float, float
 
 
 def label_position(draw: ImageDraw.ImageDraw, font: Any, text: str, point: tuple[float, float], prefer_left: bool,
-                   taken: Sequence[tuple[float, float, float, float]]) -> tuple[tuple[float, float], str]:
+                   taken: Sequence[tuple[float, float, float, float]]
+                   ) -> tuple[tuple[float, float], str, tuple[float, float, float, float]]:
     """Where a point's label goes: beside it on the preferred side, else on the other side, else moved
     up or down by whole lines, the first place whose box meets no label in `taken` (the beside-it
-    place when none is free). Returns (xy, PIL anchor)."""
+    place when none is free). Returns (xy, PIL anchor, the label's box there)."""
     cx, cy = point
     sides = [(cx - 18, "rm"), (cx + 18, "lm")] if prefer_left else [(cx + 18, "lm"), (cx - 18, "rm")]
     line = FONT_SIZE + 4
@@ -162,8 +163,9 @@ def label_position(draw: ImageDraw.ImageDraw, font: Any, text: str, point: tuple
             xy = (x, cy - 2 + shift * line)
             box = draw.textbbox(xy, text, font=font, anchor=anchor)
             if not any(_overlaps(box, other) for other in taken):
-                return xy, anchor
-    return (sides[0][0], cy - 2), sides[0][1]
+                return xy, anchor, box
+    xy, anchor = (sides[0][0], cy - 2), sides[0][1]
+    return xy, anchor, draw.textbbox(xy, text, font=font, anchor=anchor)
 
 
 def draw_study(points: Sequence[ConfigurationMeans], title: str) -> Image.Image:
@@ -214,8 +216,8 @@ def draw_study(points: Sequence[ConfigurationMeans], title: str) -> Image.Image:
         cx, cy = at(p.x, p.y)
         alignment = "" if math.isnan(p.acc_specified) else f" ({p.acc_specified:.2f})"
         prefer_left = cx > left + 0.7 * (right - left)  # near the right edge the label goes left of its point
-        xy, anchor = label_position(draw, font, p.name + alignment, (cx, cy), prefer_left, taken)
-        taken.append(draw.textbbox(xy, p.name + alignment, font=font, anchor=anchor))
+        xy, anchor, box = label_position(draw, font, p.name + alignment, (cx, cy), prefer_left, taken)
+        taken.append(box)
         draw.text(xy, p.name + alignment, fill="black", font=font, anchor=anchor)
     legend = ("(number) = acc_specified, the prompt alignment of the named attributes; colour: blue = as 'off', "
               "red = 0.1 or more below it", "green ring and line = Pareto front; black box = recommended setting")
