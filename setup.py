@@ -26,7 +26,7 @@ setup(
         "train": ["pytorch-lightning>=2.0"],
         # DINO / CLIP feature extractors for evaluating real SD checkpoints
         "eval": ["transformers>=4.40"],
-        # batch-shared attention in a diffusers StableDiffusionPipeline (ldm/modules/shared_attention_diffusers.py)
+        # batch-shared attention in a diffusers StableDiffusionPipeline (ldm/sharing/diffusers_processors.py)
         "diffusers": ["diffusers>=0.30", "transformers>=4.40"],
     },
 )

@@ -25,7 +25,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 from _common import REPO, time_alternately  # noqa: F401  (puts the repository on sys.path)
 import ldm.modules.attention_kernel as kernel  # noqa: E402
-from ldm.modules.shared_attention import shared_batch_attention  # noqa: E402
+from ldm.sharing.kernels import shared_batch_attention  # noqa: E402
 
 TOKENS, HEADS, HEAD_WIDTH = 64 * 64, 8, 40
 CANDIDATES = ("chunked", "full", "fused")

@@ -23,8 +23,8 @@ from omegaconf import OmegaConf
 from _common import SD_CONFIG, time_alternately
 from ldm.generation import DEMO_SCALE, GenerationRequest, generate, load_demo_model, save_result
 from ldm.generation.reference import read_reference, record_reference_anchors
-from ldm.modules.shared_attention import SharedAttentionSettings
-from ldm.modules.shared_reference import record_bytes
+from ldm.sharing import SharedAttentionSettings
+from ldm.sharing.reference import record_bytes
 from ldm.util import instantiate_from_config
 
 

@@ -3,7 +3,7 @@
     python benchmarks/shared_attention_cost.py                 # 64x64 latents (512 px), fp32, CPU
     python benchmarks/shared_attention_cost.py --latent 32     # quicker
     python benchmarks/shared_attention_cost.py --variants up,up@mask,up@mask@drop=0.5,up@pooled,up@others \
-        --memory --threads 1                                   # issue 13's variants side by side
+        --memory --threads 1                                   # the subject-aware variants side by side
 
 For each group the measured time is divided by the plain forward's, timed in turns in the same run,
 and printed next to the FLOP-count prediction: a shared layer with N tokens, C channels and a sharing
@@ -41,9 +41,9 @@ from torch.utils.flop_counter import FlopCounterMode
 
 from _common import sd_unet, time_alternately, unet_inputs
 from ldm.eval.configurations import parse_configuration
-from ldm.modules.shared_attention import (SharedAttention, SharedAttentionSettings, batch_layout, select_layers,
-                                          shared_attention)
-from ldm.modules.subject_masks import SubjectMasks
+from ldm.modules.step_context import StepContext
+from ldm.sharing import SharedAttention, SharedAttentionSettings, select_layers, shared_attention
+from ldm.sharing.masks import SubjectMasks
 
 GROUPS = ["all", "down", "mid", "up", "64", "32", "16"]
 
@@ -75,8 +75,8 @@ def first_call_map(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cont
                                  subject_positions=positions)
     with controller:
         unet(x, t, context=context)
-        masks = controller.masks
-    masks.new_call()
+        masks = controller.run.masks
+    masks.enter_call(StepContext(latent_size=tuple(x.shape[-2:])))  # a next call: the first one's maps join the history
     return masks.history[-1]
 
 
@@ -84,7 +84,7 @@ def masks_after_first_call(first_map: torch.Tensor) -> SubjectMasks:
     """Subject masks as at the second step of a run: made from the first call's map."""
     masks = SubjectMasks([(SUBJECT_TOKEN,)] * first_map.shape[0])
     masks.history.append(first_map)
-    masks.new_call()
+    masks.enter_call(StepContext(latent_size=tuple(first_map.shape[-2:])))  # the second call's mask
     return masks
 
 
@@ -105,7 +105,7 @@ def variant_forward(unet: torch.nn.Module, spec: str, x: torch.Tensor, t: torch.
     def run():
         with controller:
             if settings.subject:
-                controller.masks = masks_after_first_call(first_map)
+                controller.run.masks = masks_after_first_call(first_map)
             return unet(x, t, context=context)
     return run, share
 
@@ -120,7 +120,7 @@ def child_memory(spec: str, batch: int, latent: int, map_path: Optional[str]) ->
     unet = sd_unet()
     x, t, context = unet_inputs(batch, latent)
     first_map = torch.load(map_path) if map_path else None
-    with torch.no_grad(), batch_layout(unet, halves=1):
+    with torch.no_grad():
         run, _ = variant_forward(unet, spec, x, t, context, first_map)
         before = peak_rss_mb()
         run()
@@ -132,7 +132,7 @@ def variants_table(opt: argparse.Namespace) -> None:
     unet = sd_unet()
     x, t, context = unet_inputs(opt.batch, opt.latent)
     masked = [spec for spec in specs if spec != "off" and parse_configuration(spec).sharing.subject]
-    with torch.no_grad(), batch_layout(unet, halves=1):
+    with torch.no_grad():
         first_map = first_call_map(unet, x, t, context) if masked else None
         prepared = {spec: variant_forward(unet, spec, x, t, context, first_map) for spec in specs}
         medians = time_alternately({spec: run for spec, (run, _) in prepared.items()}, repeats=opt.repeats)
@@ -173,7 +173,7 @@ def level_64_breakdown(opt: argparse.Namespace) -> None:
     forward's FLOPs are), as seconds and GFLOP/s: whether shared attention's extra time follows its FLOPs,
     and how fast attention FLOPs run against the rest of the UNet's."""
     from torch.nn import functional as F
-    from ldm.modules.shared_attention import shared_batch_attention
+    from ldm.sharing.kernels import shared_batch_attention
     batch, heads, tokens, width = opt.batch, 8, 4096, 40
     g = torch.Generator().manual_seed(0)
     # As CrossAttention hands them over: views (B, heads, N, d) of the projections' (B, N, heads*d).
@@ -230,7 +230,7 @@ def main() -> None:
 
     def forward(groups: str | None):
         def run():
-            with torch.no_grad(), batch_layout(unet, halves=1):
+            with torch.no_grad():  # a bare UNet call: one guidance half, no step
                 if groups is None:
                     return unet(x, t, context=context)
                 with shared_attention(unet, groups=groups):

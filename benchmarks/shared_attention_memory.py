@@ -19,7 +19,8 @@ import torch
 
 from _common import REPO  # noqa: F401  (puts the repository on sys.path)
 from ldm.modules.attention import CrossAttention
-from ldm.modules.shared_attention import batch_layout, shared_attention
+from ldm.modules.step_context import LayerCall, StepContext
+from ldm.sharing import shared_attention
 
 TOKENS, CHANNELS, HEADS = 64 * 64, 320, 8  # input_blocks.1 of SD v1 at 512 px
 
@@ -35,13 +36,13 @@ def measure(batch: int, shared: bool, strength: float, device: str) -> float:
         def __init__(self):
             super().__init__()
             self.layer = layer
-            self.shared_attention = None
 
         def self_attention_layers(self):
             return [layer]
 
     holder = Holder()
-    with torch.no_grad(), batch_layout(holder, halves=1):
+    call = LayerCall(StepContext(), (64, 64))  # one guidance half, no step, the 64x64 token grid
+    with torch.no_grad():
         if device == "cuda":
             torch.cuda.synchronize()
             torch.cuda.reset_peak_memory_stats()
@@ -50,9 +51,9 @@ def measure(batch: int, shared: bool, strength: float, device: str) -> float:
             base = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
         if shared:
             with shared_attention(holder, groups="all", strength=strength):
-                layer(x)
+                layer(x, call=call)
         else:
-            layer(x)
+            layer(x, call=call)
         if device == "cuda":
             torch.cuda.synchronize()
             peak = torch.cuda.max_memory_allocated()

@@ -38,8 +38,8 @@ from ldm.generation.model import (DEMO_SCALE, REPO_ROOT, ConfigError, ModelSpec,
 from ldm.generation.outputs import check_output_folder, save_result
 from ldm.generation.reference import check_references, read_reference, reference_notes, values_to_match
 from ldm.generation.request import GenerationRequest
-from ldm.modules.shared_attention import MODES, SharedAttentionSettings, describe_layers, parse_groups
 from ldm.modules.token_grids import self_attention_grids
+from ldm.sharing import MODES, SharedAttentionSettings, describe_layers
 
 SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
 SD_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
@@ -353,19 +353,11 @@ def shared_attention_settings(opt: argparse.Namespace) -> Optional[SharedAttenti
         if opt.compare:
             raise UsageError("--compare shows sharing against no sharing; add --shared-attn GROUPS (e.g. all)")
         return None
-    window = opt.shared_attn_steps or "0:1"
     try:
-        start, end = (float(part) for part in window.split(":"))
-    except ValueError:
-        raise UsageError(f"--shared-attn-steps {window}: give START:END fractions, e.g. 0:0.4") from None
-    try:
-        return SharedAttentionSettings(
-            groups=parse_groups(opt.shared_attn), mode=opt.shared_attn_mode or "all",
-            anchors=1 if opt.shared_attn_anchors is None else opt.shared_attn_anchors, steps=(start, end),
-            strength=0.0 if opt.shared_attn_strength is None else opt.shared_attn_strength,
-            subject=parse_groups(opt.shared_attn_subject or ""),
-            dropout=0.0 if opt.shared_attn_dropout is None else opt.shared_attn_dropout,
-            adain=bool(opt.shared_attn_adain))
+        return SharedAttentionSettings.from_values(
+            opt.shared_attn, mode=opt.shared_attn_mode, anchors=opt.shared_attn_anchors, steps=opt.shared_attn_steps,
+            strength=opt.shared_attn_strength, subject=opt.shared_attn_subject, dropout=opt.shared_attn_dropout,
+            adain=opt.shared_attn_adain)
     except InvalidValue as error:
         raise error.within("sharing") from None
 

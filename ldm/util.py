@@ -44,10 +44,3 @@ def instantiate_from_config(config: Mapping[str, Any]) -> Any:
         raise KeyError(f"config has no 'target' key; keys present: {sorted(config)}")
     params = config.get("params", None) or {}
     return get_obj_from_str(config["target"])(**params)
-
-
-def count_params(model: Any, verbose: bool = False) -> int:
-    total = sum(p.numel() for p in model.parameters())
-    if verbose:
-        print(f"{model.__class__.__name__} has {total * 1.e-6:.2f} M params.")
-    return total

@@ -35,7 +35,7 @@ from ldm.eval.configurations import CONFIGURATION_SYNTAX, resolve_configurations
 from ldm.eval.consistency import (DEFAULT_PROMPTS_BY_WORLD, WORLD_V2_CLASSIFIER, WORLD_V2_SEGMENTER,  # noqa: E402
                                   EvalRequest, check_results_folder, evaluate)
 from ldm.eval.jobs import SEED_STRIDE, Sampling  # noqa: E402
-from ldm.eval.metrics import named_attributes  # noqa: E402
+from ldm.eval.metrics_v1 import named_attributes  # noqa: E402
 from ldm.eval.prompt_sets import check_world_prompt_sets, refuse_stories  # noqa: E402
 from ldm.generation.inputs import read_prompt_file  # noqa: E402
 from ldm.generation.model import DEMO_CONFIG, DEMO_SCALE, DEMO_V1_CONFIG, choose_device  # noqa: E402

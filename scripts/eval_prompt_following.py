@@ -1,4 +1,4 @@
-"""Measure how well a world v2 model follows its prompt, at several guidance scales (issue 12, point 2).
+"""Measure how well a world v2 model follows its prompt, at several guidance scales.
 
     PYTHONPATH=. python scripts/eval_prompt_following.py                  # demo model v2, scales 2,3,5,7.5
     PYTHONPATH=. python scripts/eval_prompt_following.py --scales 3 --prompts 200 --seeds 1000,1001

@@ -1,4 +1,4 @@
-"""Measure how consistent new images in other scenes are with a reference (issue 14), on a world-v2 model.
+"""Measure how consistent new images in other scenes are with a reference, on a world-v2 model.
 
     python scripts/eval_reference.py --outdir outputs/reference-eval
     python scripts/eval_reference.py --config CONFIG --ckpt CKPT --classifier SCENE_CLASSIFIER \\
@@ -83,7 +83,7 @@ def build_request(opt: argparse.Namespace) -> ReferenceEvalRequest:
     spec = model_spec(opt)
     opt.demo = False
     check_checkpoint(opt)
-    from ldm.modules.shared_attention import select_layers
+    from ldm.sharing import select_layers
     for group in groups:
         try:
             select_layers(spec.unet, (group,))

@@ -1,4 +1,4 @@
-"""Train the world v2 instruments: the scene classifier and the subject segmenter (issue 12, point 3).
+"""Train the world v2 instruments: the scene classifier and the subject segmenter.
 
     PYTHONPATH=. python scripts/train_world_instruments.py --config configs/demo/v2/instruments.yaml \
         --out-dir models/demo/v2 [--force] [training.classifier_steps=100 ...]

@@ -72,7 +72,7 @@ PEAK_BOUND_MIB = 1024
 CHILD = """
 import json, resource, sys, torch
 from torch.nn.attention import SDPBackend, sdpa_kernel
-from ldm.modules.shared_attention import shared_batch_attention
+from ldm.sharing.kernels import shared_batch_attention
 torch.set_num_threads(1)
 g = torch.Generator().manual_seed(0)
 q, k, v = (torch.randn(4, 1, 4096, 40, generator=g) for _ in range(3))  # (B, heads, N, d)

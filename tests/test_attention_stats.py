@@ -20,7 +20,8 @@ from ldm.eval.attention_stats import AttentionRecorder, attention_statistics, ou
 from ldm.cli import UsageError
 from ldm.generation import generate_latents
 from ldm.models.diffusion.ddim import DDIMSampler
-from ldm.modules.shared_attention import tagged_layers
+from ldm.modules.attention import PLAIN
+from ldm.sharing import active_run, tagged_layers
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_CONFIG, load_script, randomize_
 
@@ -204,13 +205,13 @@ def test_prediction_change_is_zero_for_identical_images_and_leaves_sharing_off(t
     distinct = torch.randn(3, *shape, generator=torch.Generator().manual_seed(1))
     changes = prediction_change(tiny_model, distinct, conditioning, tags)
     assert all(c >= 0.0 for c in changes.values()) and max(changes.values()) > 1e-3
-    assert unet.shared_attention is None
-    assert all(layer.batch_sharing is None for _, layer in tagged_layers(unet))
+    assert active_run(unet) is None
+    assert all(layer.processor is PLAIN and not layer.readers for _, layer in tagged_layers(unet))
 
 
 def test_prediction_change_matches_one_shared_forward_pass(tiny_model):
     from ldm.eval.attention_stats import prediction_change
-    from ldm.modules.shared_attention import shared_attention
+    from ldm.sharing import shared_attention
     tag = tagged_layers(tiny_model.model.diffusion_model)[-1][1].tag
     shape = (tiny_model.channels, tiny_model.image_size, tiny_model.image_size)
     latents = torch.randn(2, *shape, generator=torch.Generator().manual_seed(2))

@@ -21,7 +21,7 @@ from PIL import Image
 
 import ldm.checkpoint
 from ldm.generation import generate_latents, img2img_latents, make_sampler
-from ldm.modules.shared_attention import MODES
+from ldm.sharing import MODES
 from tests.conftest import TINY_CONFIG, load_script
 
 STEPS = "2"

@@ -1,5 +1,5 @@
 """Specification of the consistency evaluation (scripts/eval_consistency.py, ldm/eval/consistency.py and
-its parts metrics.py, instruments.py, configurations.py, jobs.py, report.py, and ldm/eval/distributed.py).
+its parts metric_set.py, metrics_v1.py, instruments.py, configurations.py, jobs.py, report.py, and ldm/eval/distributed.py).
 
 Metrics are checked on hand-made inputs. End-to-end runs use configs/tiny/tiny-inference.yaml with
 random weights (written once per module), a tiny random attribute classifier, 2 DDIM steps, sets of
@@ -30,8 +30,8 @@ from ldm.eval.attribute_classifier import AttributeClassifier, ClassifierConfig,
 from ldm.eval.configurations import Configuration, parse_configuration, resolve_configurations
 from ldm.eval.consistency import create_output_folder
 from ldm.eval.jobs import Sampling, SetRunner, image_seeds, make_jobs
-from ldm.eval.metrics import (attribute_metrics, mean_pairwise_cosine, pairwise_agreement, spread,
-                              unspecified_attributes)
+from ldm.eval.metric_set import spread
+from ldm.eval.metrics_v1 import attribute_metrics, mean_pairwise_cosine, pairwise_agreement, unspecified_attributes
 from ldm.eval.distributed import ProcessGroup, shard
 from ldm.errors import InvalidValue
 from ldm.generation import LoadedModel, decode_to_images, generate_latents, make_sampler

@@ -29,7 +29,7 @@ from ldm.eval.prompt_sets import (SYNTHETIC_PROMPTS, WORLD_V2_PROMPTS, generatio
 from ldm.eval.scene_classifier import SceneClassifier, save_scene_classifier
 from ldm.eval.subject_mask_iou import MaskRecorder, step_buckets, step_ious
 from ldm.generation.model import DEMO_V1_CKPT
-from ldm.modules.shared_attention import SharedAttention, SharedAttentionSettings, batch_layout
+from ldm.sharing import SharedAttention, SharedAttentionSettings
 from tests.conftest import TINY_CONFIG, load_script
 from tests.world_fixtures import TINY_CLASSIFIER, tiny_model_loaded_once, usage_error, write_tiny_world_files
 
@@ -369,7 +369,7 @@ def test_recorder_keeps_each_calls_mask_and_changes_nothing(tiny_model):
     def three_calls(record: bool):
         controller = SharedAttention(unet, settings, subject_positions=[(2,), (2,)])
         recorder = MaskRecorder(unet)
-        with torch.no_grad(), controller, batch_layout(unet, halves=1):
+        with torch.no_grad(), controller:  # bare UNet calls: one guidance half
             with recorder if record else contextlib.nullcontext():
                 outputs = [unet(x, t, context=context) for _ in range(3)]
         return outputs, recorder.steps

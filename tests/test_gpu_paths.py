@@ -61,7 +61,7 @@ def test_the_ddim_eta_step_draws_its_noise_through_the_non_waiting_copy(monkeypa
             self.register_buffer("alphas_cumprod", torch.cumprod(1 - betas, 0).float())
             self.num_timesteps = 1000
 
-        def apply_model(self, x, t, cond):
+        def apply_model(self, x, t, cond, step=None):
             return torch.zeros_like(x)
 
     moved = []

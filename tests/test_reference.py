@@ -1,4 +1,4 @@
-"""More images like this one (ldm/generation/reference.py, ldm/modules/shared_reference.py).
+"""More images like this one (ldm/generation/reference.py, ldm/sharing/reference.py).
 
 On configs/tiny with random weights, CPU, 3 DDIM steps. The specification: images made in a second
 run with a first run's PNG as the reference equal the images made beside it in the first run (anchor
@@ -356,7 +356,7 @@ def test_txt2img_refuses_a_mismatched_reference_in_one_line_before_loading(run_t
 
 def test_the_record_size_computed_from_shapes_is_what_the_recorder_keeps(model, first_run):
     from ldm.generation.reference import read_reference, record_reference_anchors
-    from ldm.modules.shared_reference import record_bytes
+    from ldm.sharing.reference import record_bytes
     settings = replace(SHARING, groups=("up",), steps=(0.0, 0.7))
     anchors, _, _ = record_reference_anchors(model.module, [read_reference(first_run[1][0])], settings)
     unet = model.module.model.diffusion_model

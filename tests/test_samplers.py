@@ -14,7 +14,6 @@ diffusers keeps float64 (DDIM, PNDM; its DPM-Solver computes in float32).
 """
 from __future__ import annotations
 
-import contextlib
 
 import numpy as np
 import pytest
@@ -26,7 +25,7 @@ from ldm.models.diffusion.dpm_solver import DPMSolverSampler
 from ldm.models.diffusion.guidance import GUIDANCE_HALVES, ClassifierFreeGuidance
 from ldm.models.diffusion.plms import PLMSSampler
 from ldm.models.diffusion.sampling_util import leading_timesteps, linspace_timesteps
-from ldm.modules import shared_attention
+from ldm.modules.step_context import StepContext
 from ldm.modules.diffusionmodules.util import make_beta_schedule
 
 SAMPLERS = [DDIMSampler, PLMSSampler, DPMSolverSampler]
@@ -51,13 +50,16 @@ class GaussianDataModel(torch.nn.Module):
                              torch.tensor(np.append(1.0, alphas_cumprod[:-1]), dtype=torch.float32))
         self.data_std, self.wiggle = data_std, wiggle
         self.timesteps_seen: list[int] = []
+        self.steps_seen: list[StepContext] = []  # the step context of every call, in order
 
     def data_mean(self, cond: torch.Tensor) -> torch.Tensor:
         return cond.mean(dim=(1, 2)).view(-1, 1, 1, 1)  # (B, 77, D) -> (B, 1, 1, 1)
 
-    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor) -> torch.Tensor:
+    def apply_model(self, x: torch.Tensor, t: torch.Tensor, cond: torch.Tensor,
+                    step: StepContext = None) -> torch.Tensor:
         assert t.dtype == torch.long and t.shape == (x.shape[0],)
         self.timesteps_seen.append(int(t[0]))
+        self.steps_seen.append(step)
         a = self.alphas_cumprod[t].to(x.dtype).view(-1, 1, 1, 1)  # (B, 1, 1, 1)
         mu = self.data_mean(cond)
         eps = (1 - a).sqrt() * (x - a.sqrt() * mu) / (a * self.data_std ** 2 + 1 - a)
@@ -76,7 +78,7 @@ class ConditioningEchoModel(GaussianDataModel):
         super().__init__()
         self.inputs: list[tuple[torch.Tensor, object]] = []
 
-    def apply_model(self, x, t, cond):
+    def apply_model(self, x, t, cond, step=None):
         self.inputs.append((x, cond))
         if not isinstance(cond, torch.Tensor):  # list / dict conditioning: only the inputs matter
             return torch.zeros_like(x)
@@ -106,24 +108,6 @@ def use_model_schedule(scheduler, model, dtype):
     scheduler.alphas_cumprod = model.alphas_cumprod.to(dtype)
     scheduler.final_alpha_cumprod = scheduler.alphas_cumprod[0]  # set_alpha_to_one=False
     return scheduler
-
-
-@pytest.fixture
-def layouts(monkeypatch):
-    """Replaces batch_layout with a recorder; the model can check it is called inside the context."""
-    record = {"entered": [], "inside": False}
-
-    @contextlib.contextmanager
-    def recording_batch_layout(model, halves, progress=None):
-        record["entered"].append((halves, progress))
-        record["inside"] = True
-        try:
-            yield
-        finally:
-            record["inside"] = False
-
-    monkeypatch.setattr(shared_attention, "batch_layout", recording_batch_layout)
-    return record
 
 
 # --- timestep grids --------------------------------------------------------------------------------
@@ -315,20 +299,16 @@ def test_list_and_dict_conditionings_are_batched_element_by_element():
 @pytest.mark.parametrize("sampler_class, calls_per_step", [(DDIMSampler, [1, 1, 1, 1]), (PLMSSampler, [2, 1, 1, 1]),
                                                            (DPMSolverSampler, [1, 1, 1, 1])])
 @pytest.mark.parametrize("scale, halves", [(7.5, 2), (1.0, 1)])
-def test_every_model_call_runs_inside_batch_layout_with_halves_and_step_progress(
-        layouts, sampler_class, calls_per_step, scale, halves):
+def test_every_model_call_gets_its_own_step_context_with_halves_step_progress_and_latent_size(
+        sampler_class, calls_per_step, scale, halves):
     model = GaussianDataModel()
-
-    def checked_apply_model(x, t, cond):
-        assert layouts["inside"], "model called outside batch_layout"
-        return GaussianDataModel.apply_model(model, x, t, cond)
-
-    model.apply_model = checked_apply_model
     x_T, cond = inputs()
     sampler_class(model).sample(4, BATCH, SHAPE, conditioning=cond, x_T=x_T, verbose=False,
                                 unconditional_guidance_scale=scale, unconditional_conditioning=torch.zeros_like(cond))
     expected = [(halves, step / 4) for step, calls in enumerate(calls_per_step) for _ in range(calls)]
-    assert layouts["entered"] == expected
+    assert [(step.halves, step.progress) for step in model.steps_seen] == expected
+    assert all(step.latent_size == SHAPE[-2:] for step in model.steps_seen)
+    assert len({id(step) for step in model.steps_seen}) == len(model.steps_seen)  # one object per call
 
 
 # --- img2img: stochastic_encode / decode -----------------------------------------------------------
@@ -348,7 +328,7 @@ def test_decode_at_strength_one_equals_sampling_from_the_same_noise():
 
 
 @pytest.mark.parametrize("t_start", [0, 1, 3])
-def test_decode_runs_only_the_last_t_start_steps(t_start, layouts):
+def test_decode_runs_only_the_last_t_start_steps(t_start):
     model = GaussianDataModel()
     x_T, cond = inputs()
     sampler = ddim_with_schedule(model)
@@ -357,7 +337,7 @@ def test_decode_runs_only_the_last_t_start_steps(t_start, layouts):
     assert model.timesteps_seen == sampler.ddim_timesteps[:t_start][::-1].tolist()
     assert steps == list(range(t_start))
     # The layers hear each step's place in the whole 10-step grid: decode's first step is step 10 - t_start.
-    assert [progress for _, progress in layouts["entered"]] == [(10 - t_start + i) / 10 for i in range(t_start)]
+    assert [step.progress for step in model.steps_seen] == [(10 - t_start + i) / 10 for i in range(t_start)]
     if t_start == 0:
         assert torch.equal(decoded, x_T)
 

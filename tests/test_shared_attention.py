@@ -1,4 +1,4 @@
-"""Batch-shared self-attention, as specified in ldm/modules/shared_attention.py.
+"""Batch-shared self-attention, as specified in ldm/sharing/__init__.py.
 
 Two kinds of checks: the attention maths against a naive reference that builds the full logits
 matrix with an explicit bias (independent of the regrouping and extra-channel tricks), and invariants
@@ -8,11 +8,15 @@ from __future__ import annotations
 
 import math
 
+from fractions import Fraction
+
 import pytest
 import torch
 
-from ldm.modules.shared_attention import (attend_across_images, batch_layout, describe_layers,
-                                          shared_attention, shared_batch_attention)
+from ldm.modules.attention import PLAIN, readers_added
+from ldm.modules.step_context import StepContext
+from ldm.sharing import SharingProcessor, active_run, describe_layers, shared_attention
+from ldm.sharing.kernels import attend_across_images, shared_batch_attention
 
 SCALE = 8 ** -0.5
 
@@ -78,8 +82,20 @@ def unet_inputs(batch, seed=0):
 
 @torch.no_grad()
 def run(unet, x, t, context, halves=1, progress=None):
-    with batch_layout(unet, halves=halves, progress=progress):
-        return unet(x, t, context=context)
+    """One UNet call with its step context: `halves` guidance halves, at step `progress` (a fraction of
+    the steps, written as step index / steps; None: outside a sampler)."""
+    step_index = total = None
+    if progress is not None:
+        fraction = Fraction(progress).limit_denominator(1000)
+        step_index, total = fraction.numerator, fraction.denominator
+    step = StepContext(halves=halves, step_index=step_index, total_steps=total, latent_size=tuple(x.shape[-2:]))
+    assert step.progress == progress
+    return unet(x, t, context=context, step=step)
+
+
+def is_plain(layer) -> bool:
+    """The layer computes its own attention and nothing reads it."""
+    return layer.processor is PLAIN and not layer.readers
 
 
 def test_leaving_the_controller_restores_a_bit_identical_model(tiny_unet):
@@ -90,15 +106,15 @@ def test_leaving_the_controller_restores_a_bit_identical_model(tiny_unet):
     after = run(tiny_unet, x, t, c)
     assert torch.equal(before, after)
     assert not torch.allclose(before, shared)  # the mode did something while it was on
-    assert all(layer.batch_sharing is None for layer in tiny_unet.self_attention_layers())
-    assert tiny_unet.shared_attention is None
+    assert all(is_plain(layer) for layer in tiny_unet.self_attention_layers())
+    assert active_run(tiny_unet) is None
 
 
 def test_controller_restores_the_model_after_an_exception(tiny_unet):
     with pytest.raises(RuntimeError, match="boom"):
         with shared_attention(tiny_unet, groups="up"):
             raise RuntimeError("boom")
-    assert all(layer.batch_sharing is None for layer in tiny_unet.self_attention_layers())
+    assert all(is_plain(layer) for layer in tiny_unet.self_attention_layers())
 
 
 def test_identical_images_with_sharing_equal_the_plain_model(tiny_unet):
@@ -137,16 +153,14 @@ def test_changing_one_image_changes_another_only_when_sharing(tiny_unet, groups)
 def test_exactly_the_selected_layers_are_shared(tiny_unet, groups, expected):
     shared_calls = []
 
-    def count(module, args, output):
-        if module.batch_sharing is not None and module.batch_sharing.applies_now():
-            shared_calls.append(module.tag)
+    def count(layer, x, context, call, out):
+        if isinstance(layer.processor, SharingProcessor) and layer.processor.run.applies(call.step):
+            shared_calls.append(layer.tag)
 
-    handles = [layer.register_forward_hook(count) for layer in tiny_unet.self_attention_layers()]
     x, t, c = unet_inputs(2)
-    with shared_attention(tiny_unet, groups=groups) as controller:
-        run(tiny_unet, x, t, c)
-    for h in handles:
-        h.remove()
+    with readers_added([(layer, count) for layer in tiny_unet.self_attention_layers()]):
+        with shared_attention(tiny_unet, groups=groups) as controller:
+            run(tiny_unet, x, t, c)
     assert len(shared_calls) == expected == len(controller.layers)
     names = {g.strip() for g in groups.split(",")}
     assert all(names & {"all", tag, tag.split(".")[0], tag.split(".")[1]} for tag in shared_calls)
@@ -179,7 +193,7 @@ def test_cross_attention_computation_is_untouched(tiny_unet):
     x, t, c = unet_inputs(3)
     with shared_attention(tiny_unet, groups="all"):
         run(tiny_unet, x, t, c)
-        assert all(m.batch_sharing is None for m in cross)
+        assert all(is_plain(m) for m in cross)
     for h in handles:
         h.remove()
     assert len(records) == 16
@@ -228,7 +242,7 @@ def test_step_window_shares_from_its_start_up_to_its_end(tiny_unet, window, outs
     ((0.0, 0.4), 2, [0]),
 ])
 def test_steps_in_window_lists_the_steps_the_window_selects(window, total, selected):
-    from ldm.modules.shared_attention import SharedAttentionSettings
+    from ldm.sharing import SharedAttentionSettings
     assert SharedAttentionSettings(steps=window).steps_in_window(total) == selected
 
 

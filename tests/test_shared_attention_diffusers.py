@@ -15,8 +15,8 @@ import transformers
 
 from ldm.checkpoint import load_model_from_config
 from ldm.generation.sampling import generate_latents, make_sampler
-from ldm.modules.shared_attention import SharedAttentionSettings, subject_positions_for
-from ldm.modules.shared_attention_diffusers import DiffusersSharedAttention, diffusers_layer_tags, token_grid
+from ldm.sharing import SharedAttentionSettings, subject_positions_for
+from ldm.sharing.diffusers_processors import DiffusersSharedAttention, diffusers_layer_tags, token_grid
 from tests.conftest import TINY_CONFIG
 from tests.diffusers_models import save_tiny_pipeline
 from tests.test_text_encoder import write_hub_vocab_files

@@ -1,5 +1,5 @@
-"""Subject-aware sharing and the study's variants (ldm/modules/shared_attention.py, shared_variants.py,
-subject_masks.py): the gathered kernel against a naive reference that masks the full logits matrix,
+"""Subject-aware sharing and the study's variants (ldm/sharing/: kernels.py, transforms.py, masks.py):
+the gathered kernel against a naive reference that masks the full logits matrix,
 the invariants the maths promises on the whole tiny UNet, the masks, dropout's seeding and the settings.
 """
 from __future__ import annotations
@@ -10,10 +10,11 @@ import torch
 from conftest import TINY_CONFIG
 from ldm.errors import InvalidValue
 from ldm.modules.cross_attention_read import token_probability_map
-from ldm.modules.shared_attention import SharedAttentionSettings, batch_layout, shared_attention, shared_batch_attention
-from ldm.modules.shared_variants import (adain_to_group_reference, attend_own_and_offered, blend_with_group_mean,
-                                         offers, others_seen, pool_tokens)
-from ldm.modules.subject_masks import otsu_mask, resize_mask, subject_token_positions
+from ldm.modules.step_context import StepContext
+from ldm.sharing import SharedAttentionSettings, shared_attention
+from ldm.sharing.kernels import attend_own_and_offered, offers, others_seen, shared_batch_attention
+from ldm.sharing.masks import otsu_mask, resize_mask, subject_token_positions
+from ldm.sharing.transforms import adain_to_group_reference, blend_with_group_mean, pool_tokens
 
 SCALE = 8 ** -0.5
 GRID = (3, 4)  # an odd side, so pooling meets a partial window
@@ -202,8 +203,8 @@ def unet_inputs(batch, seed=0):
 
 @torch.no_grad()
 def run(unet, x, t, c, halves=1):
-    with batch_layout(unet, halves=halves):
-        return unet(x, t, context=c)
+    """One UNet call outside a sampler (no step), with `halves` guidance halves."""
+    return unet(x, t, context=c, step=StepContext(halves=halves, latent_size=tuple(x.shape[-2:])))
 
 
 SUBJECT = dict(subject="chair", subject_positions=[(2,)] * 4)
@@ -242,7 +243,7 @@ def test_subject_masks_share_nothing_before_the_first_mask_and_leave_cross_atten
     with shared_attention(tiny_unet, groups="up", **SUBJECT) as controller:
         first = run(tiny_unet, x, t, c)
         second = run(tiny_unet, x, t, c)
-        assert controller.masks.ready and controller.masks.latent_mask().shape == (4, 16, 16)
+        assert controller.run.masks.ready and controller.run.masks.latent_mask().shape == (4, 16, 16)
     for h in handles:
         h.remove()
     assert torch.equal(first, plain)  # no mask at the first call: no sharing, and reading changed nothing
@@ -250,7 +251,7 @@ def test_subject_masks_share_nothing_before_the_first_mask_and_leave_cross_atten
     with torch.no_grad():
         for module, inputs, context, output in records:
             assert torch.equal(module(inputs, context=context), output)
-    assert all(not m._forward_hooks for m in cross)  # the reading hooks are gone on exit
+    assert all(not m.readers for m in cross)  # the mask readers are gone on exit
 
 
 def test_seeded_dropout_reproduces_and_differs_between_seeds(tiny_unet):

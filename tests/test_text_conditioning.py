@@ -18,7 +18,7 @@ from ldm.eval.text_conditioning import conditional_eps, noised_latents, prompt_p
 from ldm.eval.text_probe import (fit_linear_probe, is_held_out, make_prompt, naming_prompts, token_roles,
                                  variance_share)
 from ldm.cli import UsageError
-from ldm.modules.shared_attention import tagged_layers
+from ldm.sharing import tagged_layers
 from ldm.util import instantiate_from_config
 from tests.conftest import TINY_CONFIG, load_script, randomize_
 

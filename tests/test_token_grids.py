@@ -9,7 +9,7 @@ from omegaconf import OmegaConf
 
 import ldm.cli
 from ldm.cli import run_cli
-from ldm.modules.shared_attention import tagged_layers
+from ldm.sharing import tagged_layers
 from ldm.modules.token_grids import self_attention_grids
 from ldm.util import instantiate_from_config
 from tests.conftest import ROOT, TINY_CONFIG, load_script

@@ -1,7 +1,7 @@
 """The world v2 instruments (ldm/eval/scene_classifier.py, segmenter.py) and their training script.
 
 Most tests check on tiny data that the code trains and predicts the right things. The last section
-measures the SHIPPED files (models/demo/v2) on freshly rendered held-out scenes against issue 12's
+measures the SHIPPED files (models/demo/v2) on freshly rendered held-out scenes against the world's
 targets (attribute accuracy >= 0.95 each, mask IoU >= 0.9); a missing file fails there, it is never
 skipped.
 """

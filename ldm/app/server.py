@@ -36,7 +36,7 @@ from ldm.app.form import basic_fields, form_argv, per_image_prompts, sharing_fie
 from ldm.app.page import render_page
 from ldm.cli import GENERATION_FLAGS, USER_ERRORS, PreparedRun, UsageError, error_line, prepare_generation
 from ldm.generation import GenerationResult, LoadedModel, Progress, generate, new_numbered_folder, save_result
-from ldm.modules.shared_attention import valid_group_names
+from ldm.sharing import valid_group_names
 
 HOST = "127.0.0.1"
 SERVED_SUFFIXES = {".png": "image/png", ".txt": "text/plain; charset=utf-8"}

@@ -4,7 +4,7 @@ Batch sharing can only make images consistent if a query finds *matching* tokens
 images' keys (a chair leg attending to chair legs) and copies their appearance. If a model's
 self-attention is nearly uniform, a query averages all tokens alike, and sharing merely blends the
 batch's averages. `AttentionRecorder` measures both sides while the model generates, for every tagged
-self-attention layer (`attn1`), with sharing off:
+self-attention layer (`attn1`, with a reader: ldm/modules/attention.py), with sharing off:
 
 - `entropy`: the normalised entropy of each query's attention over its own image's keys, averaged
   over queries, heads and calls: 1.0 is uniform attention, lower is more selective (NaN for a
@@ -29,12 +29,14 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import ExitStack
 from typing import Optional
 
 import torch
 from torch import nn
 
-from ldm.modules.shared_attention import find_unet, shared_attention, tagged_layers
+from ldm.modules.attention import readers_added
+from ldm.sharing import find_unet, shared_attention, tagged_layers
 
 QUERY_CHUNK = 1024
 
@@ -78,32 +80,23 @@ class AttentionRecorder:
         self.set_size = set_size
         self.values: dict[str, list[tuple[float, float]]] = defaultdict(list)
         self.similarities: dict[str, list[float]] = defaultdict(list)
-        self._handles: list = []
+        self._reading = ExitStack()
 
-    def _hook(self, tag: str):
-        def record(layer: nn.Module, args: tuple) -> None:
-            x = args[0][-self.set_size:]  # the conditional images: the second half under guidance
-            heads = layer.heads
-            q = layer.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, N, d)
-            k = layer.to_k(x).unflatten(-1, (heads, -1)).transpose(1, 2)
-            self.values[tag].append(attention_statistics(q, k, layer.scale))
-        return record
-
-    def _output_hook(self, tag: str):
-        def record(layer: nn.Module, args: tuple, out: torch.Tensor) -> None:
-            self.similarities[tag].append(output_similarity(out[-self.set_size:]))  # (B, N, C)
-        return record
+    def _read(self, layer: nn.Module, x: torch.Tensor, context: Optional[torch.Tensor], call: object,
+              out: torch.Tensor) -> None:
+        x = x[-self.set_size:]  # the conditional images: the second half under guidance
+        heads = layer.heads
+        q = layer.to_q(x).unflatten(-1, (heads, -1)).transpose(1, 2)  # (B, heads, N, d)
+        k = layer.to_k(x).unflatten(-1, (heads, -1)).transpose(1, 2)
+        self.values[layer.tag].append(attention_statistics(q, k, layer.scale))
+        self.similarities[layer.tag].append(output_similarity(out[-self.set_size:]))  # (B, N, C)
 
     def __enter__(self) -> "AttentionRecorder":
-        for _, layer in tagged_layers(self.unet):
-            self._handles.append(layer.register_forward_pre_hook(self._hook(layer.tag)))
-            self._handles.append(layer.register_forward_hook(self._output_hook(layer.tag)))
+        self._reading.enter_context(readers_added([(layer, self._read) for _, layer in tagged_layers(self.unet)]))
         return self
 
     def __exit__(self, *exc) -> None:
-        for handle in self._handles:
-            handle.remove()
-        self._handles = []
+        self._reading.close()
 
     def summary(self) -> dict[str, dict[str, float]]:
         """group tag (e.g. "up.32") -> {"calls", "entropy", "other_mass", "uniform_other_mass",

@@ -1,9 +1,11 @@
 """Configurations of the consistency evaluation: named ways of generating a prompt set.
 
 A configuration is plain generation ('off') or batch-shared attention over some layer groups, with an
-optional step window, strength, mode (anchor, others, pooled, mean), subject masks, dropout and AdaIN (`ldm.modules.shared_attention`). This module parses
-the text syntax (CONFIGURATION_SYNTAX), derives the default list from a UNet's layer groups, and
-checks every configuration against the model before anything runs.
+optional step window, strength, mode (anchor, others, pooled, mean), subject masks, dropout and AdaIN
+(`ldm.sharing`). A configuration's text is the settings' own syntax (`SharedAttentionSettings.from_text`)
+plus the names 'off' and 'anchor' and the option 'mask' (the demo worlds' subject nouns); this module
+derives the default list from a UNet's layer groups and checks every configuration against the model
+before anything runs.
 """
 from __future__ import annotations
 
@@ -14,7 +16,8 @@ import torch
 
 from ldm.data.world import SUBJECTS
 from ldm.errors import InvalidValue
-from ldm.modules.shared_attention import PATHS, SharedAttentionSettings, select_layers, valid_group_names
+from ldm.sharing import PATHS, SharedAttentionSettings, select_layers, valid_group_names
+from ldm.sharing.settings import TEXT_SYNTAX
 
 
 @dataclass(frozen=True)
@@ -28,11 +31,8 @@ class Configuration:
         return {"name": self.name, "sharing": self.sharing.as_metadata() if self.sharing else None}
 
 
-CONFIGURATION_SYNTAX = ("GROUPS[@OPTION...]: GROUPS joined by '+' (all, down, mid, up, up.32, 32, ...), OPTION "
-                        "START:END (step window), s=STRENGTH, anchor or anchor=K, mask (subject masks of the demo "
-                        "worlds' subject nouns: chair, table, lamp, vase, face), subject=WORD/WORD, drop=P "
-                        "(shared-token dropout), adain, others, pooled or mean (modes); or 'off', 'anchor' "
-                        "(= all@anchor=1), 'default' (the default list)")
+CONFIGURATION_SYNTAX = (f"{TEXT_SYNTAX}; 'mask' means subject masks of the demo worlds' subject nouns "
+                        f"({', '.join(SUBJECTS)}); or 'off', 'anchor' (= all@anchor=1), 'default' (the default list)")
 
 
 def parse_configuration(spec: str) -> Configuration:
@@ -40,33 +40,11 @@ def parse_configuration(spec: str) -> Configuration:
     name = spec.strip()
     if name == "off":
         return Configuration("off", None)
-    groups, *options = ("all@anchor=1" if name == "anchor" else name).split("@")
-    values: dict[str, Any] = {"groups": tuple(g.strip() for g in groups.split("+") if g.strip())}
     try:
-        for option in options:
-            if ":" in option:
-                start, end = option.split(":")
-                values["steps"] = (float(start), float(end))
-            elif option.startswith("s="):
-                values["strength"] = float(option[2:])
-            elif option == "anchor" or option.startswith("anchor="):
-                values["mode"], values["anchors"] = "anchor", int(option.partition("=")[2] or 1)
-            elif option == "mask":
-                values["subject"] = tuple(SUBJECTS)  # v1's four classes and v2's face: every default prompt
-            elif option.startswith("subject="):
-                values["subject"] = tuple(w for w in option[len("subject="):].split("/") if w)
-            elif option.startswith("drop="):
-                values["dropout"] = float(option[len("drop="):])
-            elif option == "adain":
-                values["adain"] = True
-            elif option in ("others", "pooled", "mean"):
-                values["mode"] = option
-            else:
-                raise ValueError(f"unknown option {option!r}")
-        return Configuration(name, SharedAttentionSettings(**values))
-    except ValueError as error:
-        problem = error.problem if isinstance(error, InvalidValue) else str(error)
-        raise InvalidValue("configs", name, f"{problem}. Syntax: {CONFIGURATION_SYNTAX}") from None
+        return Configuration(name, SharedAttentionSettings.from_text("all@anchor=1" if name == "anchor" else name,
+                                                                     mask_words=SUBJECTS))
+    except InvalidValue as error:
+        raise InvalidValue("configs", name, f"{error.problem}. Syntax: {CONFIGURATION_SYNTAX}") from None
 
 
 def default_configuration_specs(unet: torch.nn.Module) -> list[str]:

@@ -57,7 +57,6 @@ from ldm.eval.prompt_sets import SYNTHETIC_PROMPTS, WORLD_V2_PROMPTS
 from ldm.eval.report import write_report
 from ldm.generation.outputs import check_output_folder, new_numbered_folder
 
-DEFAULT_PROMPTS = SYNTHETIC_PROMPTS
 DEFAULT_PROMPTS_BY_WORLD = {"v1": SYNTHETIC_PROMPTS, "v2": WORLD_V2_PROMPTS}
 DEFAULT_OUTPUT_ROOT = Path("outputs") / "consistency"
 # Where scripts/train_world_instruments.py writes the world v2 instruments (configs/demo/v2/README.md).

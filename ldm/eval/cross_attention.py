@@ -1,11 +1,11 @@
 """Where does the cross-attention of the image queries go? Read without changing the model.
 
-`CrossAttentionRecorder` puts a forward hook on every cross-attention layer (`attn2`) of a UNet. The
-hook receives the layer's input x (B, N, C) and its text context (B, T, D), recomputes the attention
-probabilities softmax(q k^T * scale) per head from the layer's own `to_q` / `to_k`, reduces them and
-returns nothing, so the layer's output is the one the layer computed (bit for bit). `CrossAttention`
-itself is not touched (the reading is `ldm.modules.cross_attention_read`, shared with the subject masks
-of batch sharing), and the probabilities are never built for more than one image and
+`CrossAttentionRecorder` adds a reader (ldm/modules/attention.py) to every cross-attention layer
+(`attn2`) of a UNet. The reader receives the layer's input x (B, N, C) and its text context (B, T, D),
+recomputes the attention probabilities softmax(q k^T * scale) per head from the layer's own `to_q` /
+`to_k`, reduces them and returns nothing, so the layer's output is the one the layer computed (bit for
+bit). The reading is `ldm.modules.cross_attention_read`, shared with the subject masks of batch
+sharing, and the probabilities are never built for more than one image and
 `QUERY_CHUNK` queries at a time, so the recorder runs at SD v1's 4096 tokens.
 
 What it records, per layer and call, for each image of the batch, given the token positions of its
@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import math
 from collections import defaultdict
+from contextlib import ExitStack
 from dataclasses import dataclass
 from typing import Mapping, Optional, Sequence
 
@@ -32,8 +33,9 @@ import torch
 from torch import nn
 
 from ldm.modules import cross_attention_read
-from ldm.modules.cross_attention_read import context_of, layer_queries_and_keys, probability_chunks
-from ldm.modules.shared_attention import find_unet
+from ldm.modules.attention import readers_added
+from ldm.modules.cross_attention_read import layer_queries_and_keys, probability_chunks
+from ldm.sharing import find_unet
 
 QUERY_CHUNK = cross_attention_read.QUERY_CHUNK
 Roles = Mapping[str, Sequence[int]]  # role -> token positions of one prompt
@@ -91,11 +93,11 @@ class CrossAttentionRecorder:
         self.mapped = tuple(mapped)
         self.roles: Optional[list[Roles]] = None
         self.records: dict[str, list[CallRecord]] = defaultdict(list)
-        self._handles: list = []
+        self._reading = ExitStack()
 
-    def _hook(self, name: str):
-        def record(layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-            x, context = args[0], context_of(args, kwargs)
+    def _reader(self, name: str):
+        def record(layer: nn.Module, x: torch.Tensor, context: Optional[torch.Tensor], call: object,
+                   out: torch.Tensor) -> None:
             if context is None:
                 raise ValueError(f"{name} ran without a text context; the recorder reads cross-attention only")
             if self.roles is None:
@@ -130,10 +132,8 @@ class CrossAttentionRecorder:
         return row
 
     def __enter__(self) -> "CrossAttentionRecorder":
-        for name, _, layer in self.layers:
-            self._handles.append(layer.register_forward_hook(self._hook(name), with_kwargs=True))
+        self._reading.enter_context(readers_added([(layer, self._reader(name)) for name, _, layer in self.layers]))
         return self
 
     def __exit__(self, *exc) -> None:
-        while self._handles:
-            self._handles.pop().remove()
+        self._reading.close()

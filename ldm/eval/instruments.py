@@ -1,6 +1,6 @@
 """Instruments: what measures the images of a prompt set and turns them into its metrics.
 
-Each instrument has a `description` (for the report), a `metric_set` (`ldm.eval.metrics.MetricSet`:
+Each instrument has a `description` (for the report), a `metric_set` (`ldm.eval.metric_set.MetricSet`:
 the metrics it writes) and `measure(line, images) -> (metrics, labels)`, where `line` is the set's
 line of the prompt file (`ldm.eval.prompt_sets`). Images are the 8-bit PIL pictures the report shows:
 the classifiers and the segmenter see them as (B, 3, H, W) in [-1, 1], `transformers` processors get
@@ -20,7 +20,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
-from ldm.eval.metrics import (NAMED_ATTRIBUTES, SYNTHETIC_METRICS, attribute_metrics, blank_metrics,
+from ldm.eval.metrics_v1 import (NAMED_ATTRIBUTES, SYNTHETIC_METRICS, attribute_metrics, blank_metrics,
                               mean_pairwise_cosine)
 from ldm.eval.metrics_v2 import ATTRIBUTES, WORLD_V2_METRICS, world_metrics
 from ldm.eval.prompt_sets import image_prompts

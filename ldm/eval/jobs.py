@@ -26,7 +26,7 @@ from ldm.eval.subject_mask_iou import MaskRecorder, step_ious
 from ldm.generation.generate import generate
 from ldm.generation.model import LoadedModel
 from ldm.generation.request import GenerationRequest
-from ldm.modules.shared_attention import SharedAttentionSettings
+from ldm.sharing import SharedAttentionSettings
 
 SEED_STRIDE = 1000  # image i of the set with seed s uses seed s * SEED_STRIDE + i
 

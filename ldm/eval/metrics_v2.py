@@ -36,7 +36,7 @@ import torch
 from ldm.data.prompts import parse_prompt
 from ldm.data.render import mask_bbox
 from ldm.data.world import APPLIES_TO, BACKGROUND_ATTRIBUTES, SUBJECTS, VOCABULARY
-from ldm.eval.metrics import MetricSet, finite_mean, spread
+from ldm.eval.metric_set import MetricSet, finite_mean, spread
 from ldm.eval.segmenter import mask_iou
 
 ATTRIBUTES: tuple[str, ...] = tuple(VOCABULARY)

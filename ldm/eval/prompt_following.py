@@ -1,4 +1,4 @@
-"""Prompt following of a world v2 model: does each image show what its caption names? (issue 12, point 2)
+"""Prompt following of a world v2 model: does each image show what its caption names?
 
 Captions come from the world v2 grammar on a *held-out data seed*: item i of
 `ldm.data.scenes.WorldScenes(seed=s, mention_prob=0.5)` is the caption the training data would have
@@ -15,7 +15,7 @@ grammar); an image *shows* it when the classifier's label equals the named value
 subject without that attribute, is wrong). Per scale and attribute the tally is (named, shown);
 accuracy is shown / named. The subject is named by every caption: its accuracy is class accuracy.
 
-Targets (issue 12): class accuracy >= CLASS_TARGET and, for every attribute of TARGET_ATTRIBUTES
+Targets: class accuracy >= CLASS_TARGET and, for every attribute of TARGET_ATTRIBUTES
 (the ones the issue lists: colour, pattern, wall, floor, every face attribute), accuracy >=
 ATTRIBUTE_TARGET. Size, facing and position are named too and reported, but are not in the target.
 """

@@ -1,4 +1,4 @@
-"""How consistent new images are with a reference (issue 14), measured by the world v2's scene classifier.
+"""How consistent new images are with a reference, measured by the world v2's scene classifier.
 
 A *unit* is (subject, seed). Its references: a generated PNG (the model's own image of the subject's
 reference prompt, from the seed, alone) and a rendered scene (a random scene showing that prompt,
@@ -37,7 +37,7 @@ from ldm.data.render import render_scene
 from ldm.eval.metrics_v2 import open_attributes
 from ldm.generation import DEMO_SCALE, GenerationRequest, LoadedModel, generate, save_result
 from ldm.generation.images import image_to_tensor
-from ldm.modules.shared_attention import SharedAttentionSettings
+from ldm.sharing import SharedAttentionSettings
 
 # The reference's prompt per subject, and the other scenes the new images are asked for.
 REFERENCE_PROMPTS: dict[str, str] = {"furniture": "a chair", "face": "a face"}

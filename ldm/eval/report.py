@@ -5,7 +5,7 @@ gives mean and sample std (ddof 1) over seeds, and, when 'off' was run, each con
 from 'off' paired by seed. Writes results.md, results.csv, sets.csv, timing.csv, summary.json,
 mask_iou.csv (with subject masks) and one labelled image grid per configuration, never overwriting a
 file. NaN (a value that does not apply) is an empty CSV cell, null in JSON and '–' in markdown. Which metrics are
-written, shown and paired is the instrument's `ldm.eval.metrics.MetricSet`.
+written, shown and paired is the instrument's `ldm.eval.metric_set.MetricSet`.
 """
 from __future__ import annotations
 
@@ -22,7 +22,8 @@ from PIL import Image
 
 from ldm.eval.configurations import Configuration
 from ldm.eval.jobs import SEED_STRIDE, SetResult
-from ldm.eval.metrics import SYNTHETIC_METRICS, TIMING, MetricSet, finite_mean
+from ldm.eval.metric_set import TIMING, MetricSet, finite_mean
+from ldm.eval.metrics_v1 import SYNTHETIC_METRICS
 from ldm.eval.subject_mask_iou import markdown_section, per_seed_rows
 from ldm.generation import image_grid
 

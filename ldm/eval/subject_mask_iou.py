@@ -2,7 +2,7 @@
 
 With subject words (a configuration with `mask` or `subject=`), the sharing controller makes, at every
 model call after the first, a mask of each image's subject from the cross-attention of the subject's
-words (ldm/modules/subject_masks.py); of the other images only the masked tokens are shared. Whether
+words (ldm/sharing/masks.py); of the other images only the masked tokens are shared. Whether
 those masks lie on the subject decides whether backgrounds stay free, so the harness measures them:
 
 - `MaskRecorder` keeps the mask each model call used, on the latent grid (the reference resolution:
@@ -23,16 +23,19 @@ Layouts: sharing masks (B, h, w) bool on the latent grid; segmenter masks (B, H,
 from __future__ import annotations
 
 import math
+from contextlib import ExitStack
 from typing import Any, Mapping, Optional, Sequence
 
 import numpy as np
 import torch
 from einops import rearrange
 
-from ldm.eval.metrics import finite_mean
+from ldm.eval.metric_set import finite_mean
 from ldm.eval.segmenter import mask_iou
-from ldm.modules.shared_attention import find_unet
-from ldm.modules.subject_masks import resize_mask
+from ldm.modules.attention import readers_added
+from ldm.modules.cross_attention_read import cross_attention_layers
+from ldm.sharing import active_run, find_unet
+from ldm.sharing.masks import resize_mask
 
 STEP_BUCKETS = 5  # the markdown table's columns: the steps split into this many consecutive runs
 
@@ -40,27 +43,29 @@ STEP_BUCKETS = 5  # the markdown table's columns: the steps split into this many
 class MaskRecorder:
     """While active, records the subject mask of every call of the model's UNet that shares with subject
     masks: `steps[i]` is call i's mask (B, h, w) bool on the latent grid, or None before one exists.
-    Reads the controller's masks after each call; changes nothing."""
+    A reader on the UNet's last attention layer reads the active sharing run's masks as each call ends;
+    it changes nothing."""
 
     def __init__(self, model: torch.nn.Module) -> None:
         self.unet = find_unet(model)
         self.steps: list[Optional[torch.Tensor]] = []
-        self._hook = None
+        self._reading = ExitStack()
 
     def __enter__(self) -> "MaskRecorder":
         self.steps = []
-        self._hook = self.unet.register_forward_hook(self._after_call)
+        last = cross_attention_layers(self.unet)[-1][2]  # the last attention layer a call runs
+        self._reading.enter_context(readers_added([(last, self._after_call)]))
         return self
 
     def __exit__(self, *exc) -> None:
-        self._hook.remove()
-        self._hook = None
+        self._reading.close()
 
-    def _after_call(self, unet: torch.nn.Module, args: tuple, output: torch.Tensor) -> None:
-        controller = unet.shared_attention
-        if controller is None or controller.masks is None:
+    def _after_call(self, layer: torch.nn.Module, x: torch.Tensor, context: Optional[torch.Tensor], call: object,
+                    out: torch.Tensor) -> None:
+        run = active_run(self.unet)
+        if run is None or run.masks is None:
             return
-        mask = controller.masks.latent_mask()  # the mask this call shared with (made when it began)
+        mask = run.masks.latent_mask()  # the mask this call shared with (made when it began)
         self.steps.append(None if mask is None else mask.detach().cpu().clone())
 
 

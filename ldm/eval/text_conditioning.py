@@ -1,4 +1,4 @@
-"""Does a model follow colour and pattern words, and if not, where is the word lost? (Issue 12.)
+"""Does a model follow colour and pattern words, and if not, where is the word lost?
 
 Works on any `LatentDiffusion` whose text encoder is a `FrozenCLIPEmbedder` (frozen or trained), with
 the prompts of the synthetic world's caption vocabulary (`ldm.data.synthetic`). The protocol below

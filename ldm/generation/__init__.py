@@ -17,7 +17,7 @@ from ldm.generation.outputs import OutputFolder, check_output_folder, new_number
 from ldm.generation.request import GenerationRequest
 from ldm.generation.sampling import (batches, decode_to_images, encode_init_image, encode_steps, generate_latents,
                                      img2img_latents, make_sampler)
-from ldm.modules.shared_attention import SharedAttentionSettings
+from ldm.sharing import SharedAttentionSettings
 
 __all__ = [
     "BatchImages", "GeneratedImage", "GenerationResult", "NonFiniteError", "Progress", "generate",

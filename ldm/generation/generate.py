@@ -39,8 +39,8 @@ from ldm.generation.sampling import (decode_latents, encode_init_image, generate
                                      make_sampler)
 from ldm.generation.reference import (check_references, read_reference, record_reference_anchors,
                                        values_to_match)
-from ldm.modules.shared_attention import SharedAttentionSettings
-from ldm.modules.shared_reference import RecordedAnchors
+from ldm.sharing import SharedAttentionSettings
+from ldm.sharing.reference import RecordedAnchors
 
 # A guidance scale above this is named as the likely cause when sampling overflows with finite weights.
 USUAL_MAX_SCALE = 30.0

@@ -83,7 +83,7 @@ class LatentGeometry:
     @classmethod
     def of_module(cls, module: nn.Module) -> "LatentGeometry":
         """The geometry of a built LatentDiffusion module."""
-        from ldm.modules.shared_attention import find_unet
+        from ldm.sharing import find_unet
         unet, first_stage = find_unet(module), module.first_stage_model
         return cls(channels=int(first_stage.embed_dim), factor=2 ** (first_stage.decoder.num_resolutions - 1),
                    unet_halvings=len(unet.channel_mult) - 1, native_latent_size=int(module.image_size))
@@ -169,7 +169,7 @@ class LoadedModel:
 
     @property
     def unet(self) -> nn.Module:
-        from ldm.modules.shared_attention import find_unet
+        from ldm.sharing import find_unet
         return find_unet(self.module)
 
     @property

@@ -5,7 +5,7 @@ scale, eta, size, sharing settings, the checkpoint's content fingerprint). `reco
 regenerates that batch with its own settings, checks that the picked image comes out with the PNG's
 pixels (else the checkpoint or a setting differs, and nothing is made), and records the picked image's
 self-attention keys and values in the new run's shared layers and step window
-(`ldm.modules.shared_reference`). Every new image then attends to its own tokens and the reference's,
+(`ldm.sharing.reference`). Every new image then attends to its own tokens and the reference's,
 so it comes out as it would have as a non-anchor image of the original batch in anchor mode, with
 the picked image as the anchor. To share with the whole original batch, give every PNG of it: a
 batch is regenerated once however many of its images are given.
@@ -24,7 +24,7 @@ the run; with subject words, the reference's prompt (a picture's: the reference 
 subject. Errors are `InvalidValue("references", path, ...)` naming what differs.
 
 Subject words, dropout and AdaIN of the new run reach the record as they would reach the anchors of
-a batch (ldm/modules/shared_attention.py, "Anchors recorded in another run").
+a batch (ldm/sharing/__init__.py, "Anchors recorded in another run").
 """
 from __future__ import annotations
 
@@ -43,10 +43,9 @@ from ldm.generation.sampling import conditionings, decode_latents, encode_init_i
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddim_inversion import invert
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
-from ldm.modules.shared_attention import (SharedAttention, SharedAttentionSettings, parse_groups,
-                                          subject_positions_for)
-from ldm.modules.subject_masks import prompt_words
-from ldm.modules.shared_reference import OFF, AnchorRecorder, RecordedAnchors
+from ldm.sharing import SharedAttentionSettings, subject_positions_for
+from ldm.sharing.masks import prompt_words
+from ldm.sharing.reference import AnchorRecorder, RecordedAnchors
 
 # Metadata a reference PNG must carry to be regenerated.
 NEEDED = ("prompt", "seed", "batch_prompts", "batch_seeds", "batch_index", "sampler", "steps", "scale", "eta", "H", "W",
@@ -158,19 +157,6 @@ def _differs(a: Any, b: Any) -> bool:
     return a != b
 
 
-def settings_from_metadata(values: Optional[dict[str, Any]]) -> SharedAttentionSettings:
-    """The sharing settings recorded by `SharedAttentionSettings.as_metadata` (None: no sharing, as OFF)."""
-    if values is None:
-        return OFF
-    fields = dict(values)
-    fields["groups"] = parse_groups(fields["groups"])
-    fields["steps"] = tuple(float(x) for x in str(fields["steps"]).split(":"))
-    if "subject" in fields and isinstance(fields["subject"], str):
-        fields["subject"] = parse_groups(fields["subject"])
-    fields["strength"] = float(fields["strength"])
-    return SharedAttentionSettings(**fields)
-
-
 @torch.no_grad()
 def record_reference_anchors(module: Any, references: Sequence[Reference], settings: SharedAttentionSettings,
                              picture_run: Optional[dict[str, Any]] = None
@@ -213,7 +199,7 @@ def _record_generated_batch(module: Any, group: Sequence[Reference],
         latents = generate_latents(module, make_sampler(m["sampler"], module), m["batch_prompts"],
                                    m["batch_seeds"], shape=latent_shape, steps=m["steps"], scale=m["scale"],
                                    eta=m["eta"], negative_prompt=m["negative_prompt"],
-                                   sharing=settings_from_metadata(m.get("shared_attention")))
+                                   sharing=SharedAttentionSettings.from_metadata(m.get("shared_attention")))
     images = tensor_to_images(decode_latents(module, latents[picked]))
     for reference, image in zip(group, images):
         _check_pixels(reference, image)
@@ -242,7 +228,7 @@ def record_picture_anchors(module: Any, picture: Image.Image, settings: SharedAt
     guide = ClassifierFreeGuidance(module, conditional, unconditional, scale)
     positions = subject_positions_for(module, [prompt], settings.subject) if settings.subject else None
     recorder = AnchorRecorder(module, settings, [0], subject_positions=positions)
-    with SharedAttention(module, OFF), recorder.recording() as record:
+    with recorder.recording() as record:
         for step in range(steps):  # step 0 is the noisiest: the last latent of the trajectory
             index = steps - 1 - step
             # Subject masks are made from the calls before a step, so every step runs with them.

@@ -24,8 +24,8 @@ from PIL import Image
 from ldm.errors import InvalidValue
 from ldm.generation.model import LatentGeometry
 from ldm.generation.sampling import batches, encode_steps
-from ldm.modules.shared_attention import SharedAttentionSettings, select_layers
-from ldm.modules.subject_masks import check_prompts_name_subject
+from ldm.sharing import SharedAttentionSettings, select_layers
+from ldm.sharing.masks import check_prompts_name_subject
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
 PRECISIONS = ("full", "autocast", "bfloat16")

@@ -21,8 +21,9 @@ from PIL import Image
 from ldm.generation.images import tensor_to_images
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.sampling_util import draw_noise
-from ldm.modules.shared_attention import SharedAttentionSettings, controller_for
-from ldm.modules.shared_reference import RecordedAnchors
+from ldm.sharing.controller import controller_for
+from ldm.sharing.settings import SharedAttentionSettings
+from ldm.sharing.reference import RecordedAnchors
 
 StepCallback = Optional[Callable[[int], None]]
 
@@ -57,9 +58,8 @@ def sharing_scope(model: Any, settings: Optional[SharedAttentionSettings], promp
     # A batch's dropout is seeded by its first image's seed; beside recorded anchors the first image is
     # the first anchor, so its seed (None for a picture: the batch's own) seeds the draw.
     seed = reference.seed if reference is not None and reference.seed is not None else seeds[0]
-    with controller_for(model, settings, prompts=prompts, seed=int(seed)) as controller:
-        with reference.attached(controller) if reference is not None else contextlib.nullcontext():
-            yield
+    with controller_for(model, settings, prompts=prompts, seed=int(seed), reference=reference):
+        yield
 
 
 def conditionings(model: Any, prompts: Sequence[str], negative_prompt: str, scale: float,

@@ -11,14 +11,20 @@ Each `BasicTransformerBlock` has two attention layers:
 - `attn1`, self-attention: the image's tokens attend to the image's own tokens;
 - `attn2`, cross-attention: the image's tokens attend to the text tokens (the prompt).
 
-Batch-shared self-attention (the project's headline feature) changes only `attn1`: when a controller
-from `ldm/modules/shared_attention.py` marks a layer, that layer hands q, k, v to the controller, which
-decides which keys and values each image's queries see. Everything about that mode, and the reasoning
-behind it, lives in that one file.
+Every attention layer hands its work to a swappable piece, its processor (the seam batch-shared
+attention plugs into; `ldm/sharing/` explains that mode):
+- `CrossAttention.processor` computes the layer's output from its input. `PlainAttention` (the default)
+  is the layer's own attention; batch sharing puts its own processor on the self-attention layers it
+  selects, for the duration of a `with` block, and puts the plain one back after.
+- `CrossAttention.readers` observe each call (input, text, output) without changing anything: the
+  subject masks of batch sharing, the recorders of references and the evaluation's instruments.
+Both receive a `LayerCall` (ldm/modules/step_context.py): the model call's step context (guidance
+halves, step, latent size) and the layer's token grid, passed down from the UNet's forward call.
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Optional
+from contextlib import contextmanager
+from typing import Callable, Iterator, Optional, Protocol, Sequence
 
 import torch
 import torch.nn as nn
@@ -27,10 +33,8 @@ from einops import rearrange
 
 from ldm.modules.attention_kernel import memory_linear_attention
 from ldm.modules.diffusionmodules.util import GroupNorm32, checkpoint, zero_module
+from ldm.modules.step_context import LayerCall, StepContext
 from ldm.util import default
-
-if TYPE_CHECKING:  # only for type hints; the controller imports this module, not the reverse
-    from ldm.modules.shared_attention import SharedAttention
 
 
 class GEGLU(nn.Module):
@@ -58,13 +62,41 @@ class FeedForward(nn.Module):
         return self.net(x)
 
 
+class Processor(Protocol):
+    """Computes one call of an attention layer: x (B, N, C), context (B, T, D) or None -> (B, N, C)."""
+
+    def __call__(self, layer: "CrossAttention", x: torch.Tensor, context: Optional[torch.Tensor],
+                 call: Optional[LayerCall]) -> torch.Tensor: ...
+
+
+# Observes one call of an attention layer: (layer, x, context, call, output); returns nothing.
+Reader = Callable[["CrossAttention", torch.Tensor, Optional[torch.Tensor], Optional[LayerCall], torch.Tensor], None]
+
+
+class PlainAttention:
+    """A layer's own attention, the default processor: softmax(q k^T * scale) v over its own keys."""
+
+    def __call__(self, layer: "CrossAttention", x: torch.Tensor, context: Optional[torch.Tensor],
+                 call: Optional[LayerCall]) -> torch.Tensor:
+        q, k, v = layer.project(x, context)  # (B, heads, N, d), (B, heads, M, d) x 2
+        if context is None:  # N x N scores: query-chunked where PyTorch has no fused kernel (e.g. mps)
+            out = memory_linear_attention(q, k, v, scale=layer.scale)  # (B, heads, N, d)
+        else:  # cross-attention: N x 77 scores, left to PyTorch as it is
+            out = F.scaled_dot_product_attention(q, k, v, scale=layer.scale)  # (B, heads, N, d)
+        return layer.output(out)
+
+
+PLAIN = PlainAttention()
+
+
 class CrossAttention(nn.Module):
     """Multi-head attention of `x` over `context` (self-attention when `context` is None).
 
-    Two plain attributes (not parameters, so not in the state dict) serve batch-shared attention:
+    Plain attributes (not parameters, so not in the state dict):
     - `tag`: the resolution group of a self-attention layer, e.g. "down.64", set by `UNetModel` when it
       builds the layer (None for cross-attention layers, which are never shared);
-    - `batch_sharing`: the active `SharedAttention` controller, or None. Only the controller sets it.
+    - `processor`: what computes a call (`PLAIN` unless a `with` block has put another in place);
+    - `readers`: what observes each call (empty unless a `with` block has added some).
     """
 
     def __init__(self, query_dim: int, context_dim: Optional[int] = None, heads: int = 8,
@@ -79,24 +111,55 @@ class CrossAttention(nn.Module):
         self.to_v = nn.Linear(context_dim, inner_dim, bias=False)
         self.to_out = nn.Sequential(nn.Linear(inner_dim, query_dim), nn.Dropout(dropout))
         self.tag: Optional[str] = None
-        self.batch_sharing: Optional["SharedAttention"] = None
+        self.processor: Processor = PLAIN
+        self.readers: list[Reader] = []
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        is_self_attention = context is None
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                call: Optional[LayerCall] = None) -> torch.Tensor:
+        out = self.processor(self, x, context, call)
+        for read in self.readers:
+            read(self, x, context, call, out)
+        return out
+
+    def split_heads(self, t: torch.Tensor) -> torch.Tensor:
+        return rearrange(t, "b n (h d) -> b h n d", h=self.heads)  # (B, N, heads*d) -> (B, heads, N, d)
+
+    def project(self, x: torch.Tensor, context: Optional[torch.Tensor] = None
+                ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """q (B, heads, N, d) from x (B, N, C); k, v (B, heads, M, d) from the context (x itself when None)."""
         context = default(context, x)
-        q, k, v = self.to_q(x), self.to_k(context), self.to_v(context)  # (B, N, heads*d), (B, M, heads*d)
-        q, k, v = (rearrange(t, "b n (h d) -> b h n d", h=self.heads) for t in (q, k, v))  # (B, heads, N, d)
-        sharing = self.batch_sharing
-        if sharing is not None and sharing.applies_now():
-            # Batch-shared self-attention: the controller chooses which images' keys and values each
-            # image's queries see (see ldm/modules/shared_attention.py for the why and the how).
-            out = sharing.attend(q, k, v, scale=self.scale)
-        elif is_self_attention:  # N x N scores: query-chunked where PyTorch has no fused kernel (e.g. mps)
-            out = memory_linear_attention(q, k, v, scale=self.scale)  # (B, heads, N, d)
-        else:  # cross-attention: N x 77 scores, left to PyTorch as it is
-            out = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, heads, N, d)
-        out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, heads*d)
-        return self.to_out(out)
+        return self.split_heads(self.to_q(x)), self.split_heads(self.to_k(context)), self.split_heads(self.to_v(context))
+
+    def output(self, out: torch.Tensor) -> torch.Tensor:
+        """The heads' attention output (B, heads, N, d) merged and projected: (B, N, C)."""
+        return self.to_out(rearrange(out, "b h n d -> b n (h d)"))
+
+
+@contextmanager
+def processors_installed(assignments: Sequence[tuple[CrossAttention, Processor]]) -> Iterator[None]:
+    """Each layer computes with its given processor inside the block; the previous ones come back after."""
+    previous = [(layer, layer.processor) for layer, _ in assignments]
+    try:
+        for layer, processor in assignments:
+            layer.processor = processor
+        yield
+    finally:
+        for layer, processor in reversed(previous):
+            layer.processor = processor
+
+
+@contextmanager
+def readers_added(assignments: Sequence[tuple[CrossAttention, Reader]]) -> Iterator[None]:
+    """Each layer also calls its given reader after every call inside the block."""
+    added: list[tuple[CrossAttention, Reader]] = []
+    try:
+        for layer, reader in assignments:
+            layer.readers.append(reader)
+            added.append((layer, reader))
+        yield
+    finally:
+        for layer, reader in reversed(added):
+            layer.readers.remove(reader)
 
 
 class BasicTransformerBlock(nn.Module):
@@ -114,12 +177,14 @@ class BasicTransformerBlock(nn.Module):
         self.norm3 = nn.LayerNorm(dim)
         self.checkpoint = checkpoint
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        return checkpoint(self._forward, (x, context), self.checkpoint and self.training)
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                call: Optional[LayerCall] = None) -> torch.Tensor:
+        return checkpoint(self._forward, (x, context, call), self.checkpoint and self.training)
 
-    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
-        x = self.attn1(self.norm1(x)) + x
-        x = self.attn2(self.norm2(x), context=context) + x
+    def _forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                 call: Optional[LayerCall] = None) -> torch.Tensor:
+        x = self.attn1(self.norm1(x), call=call) + x
+        x = self.attn2(self.norm2(x), context=context, call=call) + x
         x = self.ff(self.norm3(x)) + x
         return x
 
@@ -152,8 +217,12 @@ class SpatialTransformer(nn.Module):
         else:
             self.proj_out = zero_module(nn.Conv2d(inner_dim, in_channels, kernel_size=1))
 
-    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, context: Optional[torch.Tensor] = None,
+                step: Optional[StepContext] = None) -> torch.Tensor:
+        """x (B, C, H, W); `step`: the model call's context (a plain one when None), handed to every
+        attention layer with this feature map's (H, W) token grid."""
         _, _, h, w = x.shape  # (B, C, H, W)
+        call = LayerCall(step if step is not None else StepContext(latent_size=(h, w)), (h, w))
         x_in = x
         x = self.norm(x)
         if not self.use_linear:
@@ -162,7 +231,7 @@ class SpatialTransformer(nn.Module):
         if self.use_linear:
             x = self.proj_in(x)
         for block in self.transformer_blocks:
-            x = block(x, context=context)
+            x = block(x, context=context, call=call)
         if self.use_linear:
             x = self.proj_out(x)
         # contiguous(): the permuted view would otherwise be channels-last in memory, and that layout

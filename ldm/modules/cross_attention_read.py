@@ -1,10 +1,10 @@
 """Reading a UNet's cross-attention without changing it: the attention probabilities of chosen text tokens.
 
 Two users: the evaluation's recorder (`ldm.eval.cross_attention`) and the subject masks of batch
-sharing (`ldm.modules.subject_masks`). Both put a forward hook on the cross-attention layers (`attn2`)
-and recompute, from the layer's own `to_q` / `to_k` and the hook's inputs, the probabilities
-softmax(q k^T * scale) over the T text tokens. The hook returns nothing, so the layer's output is the
-one it computed (bit for bit); `CrossAttention` itself is not touched.
+sharing (`ldm.sharing.masks`). Both add a reader (ldm/modules/attention.py) to the cross-attention
+layers (`attn2`) and recompute, from the layer's own `to_q` / `to_k` and the reader's inputs, the
+probabilities softmax(q k^T * scale) over the T text tokens. A reader returns nothing, so the layer's
+output is the one its processor computed (bit for bit).
 
 Layouts: q (B, heads, N, d) for N image tokens, k (B, heads, T, d) for T text tokens. Probabilities are
 built for one image and at most `chunk` queries at a time, (heads, chunk, T), never for the whole batch
@@ -28,11 +28,6 @@ def cross_attention_layers(unet: nn.Module) -> list[tuple[str, str, nn.Module]]:
     layers carry no tag; they take the level of the self-attention layer of the same block."""
     return [(f"{name}.attn2", block.attn1.tag, block.attn2) for name, block in unet.named_modules()
             if isinstance(block, BasicTransformerBlock)]
-
-
-def context_of(args: tuple, kwargs: dict) -> torch.Tensor | None:
-    """The text context a forward hook of `CrossAttention` was called with (keyword or second argument)."""
-    return kwargs["context"] if "context" in kwargs else args[1] if len(args) > 1 else None
 
 
 @torch.no_grad()

@@ -4,10 +4,9 @@ A layer's tag names its level by the SD v1 latent side at 512 px (`down.64`, `mi
 the model and the image size: on the demo model (64 px images, autoencoder factor 4, 16x16 latents)
 `up.64` runs on a 16x16 grid, and on SD v1 at 768x512 px on a 96x64 one. What a layer actually sees
 is read here from the model itself rather than from the tag: `self_attention_grids` runs the UNet once
-(batch 1, zero latents and text, no gradient) at a latent size, with a hook on every SpatialTransformer
-(the (H, W) of the feature map its blocks flatten into tokens) and on each of its tagged `attn1`
-layers (how many tokens the layer receives), and returns what the hooks saw. The hooks only read; all
-are removed before returning.
+(batch 1, zero latents and text, no gradient) at a latent size, with a reader on each tagged `attn1`
+layer, which sees the (H, W) token grid its transformer hands it and how many tokens it receives, and
+returns what the readers saw. The readers only read; all are removed before returning.
 """
 from __future__ import annotations
 
@@ -17,7 +16,8 @@ from typing import Optional
 import torch
 import torch.nn as nn
 
-from ldm.modules.attention import CrossAttention, SpatialTransformer
+from ldm.modules.attention import CrossAttention, readers_added
+from ldm.modules.step_context import LayerCall
 
 CONTEXT_TOKENS = 77  # CLIP's text length; self-attention grids do not depend on it
 
@@ -59,29 +59,16 @@ def self_attention_grids(unet: nn.Module, latent_size: tuple[int, int],
     if context is None:
         context = torch.zeros(1, CONTEXT_TOKENS, _context_dim(unet), device=device, dtype=dtype)  # (1, L, D)
 
-    names = {module: name for name, module in unet.named_modules()}
-    feature_grid: dict[nn.Module, tuple[int, int]] = {}  # transformer -> (H, W) of its current input
     seen: list[LayerGrid] = []
-    hooks = []
 
-    def enter_transformer(transformer: nn.Module, args: tuple) -> None:
-        feature_grid[transformer] = tuple(args[0].shape[-2:])  # args[0]: (B, C, H, W)
+    def reader(name: str):
+        def read(layer: CrossAttention, x: torch.Tensor, context: Optional[torch.Tensor], call: LayerCall,
+                 out: torch.Tensor) -> None:
+            seen.append(LayerGrid(name, layer.tag, call.grid[0], call.grid[1], int(x.shape[1])))  # x (B, N, C)
+        return read
 
-    def enter_attention(transformer: nn.Module):
-        def record(layer: nn.Module, args: tuple) -> None:
-            grid_h, grid_w = feature_grid[transformer]
-            seen.append(LayerGrid(names[layer], layer.tag, grid_h, grid_w, int(args[0].shape[1])))  # (B, N, C)
-        return record
-
-    try:
-        for module in unet.modules():
-            if isinstance(module, SpatialTransformer):
-                hooks.append(module.register_forward_pre_hook(enter_transformer))
-                for layer in module.self_attention_layers():
-                    if layer.tag is not None:
-                        hooks.append(layer.register_forward_pre_hook(enter_attention(module)))
+    layers = [(layer, reader(name)) for name, layer in unet.named_modules()
+              if isinstance(layer, CrossAttention) and layer.tag is not None]
+    with readers_added(layers):
         unet(x, timesteps, context=context)
-    finally:
-        for hook in hooks:
-            hook.remove()
     return seen

@@ -24,6 +24,7 @@ import torch.nn.functional as F
 from ldm.modules.diffusionmodules.util import extract_into_tensor, make_beta_schedule
 from ldm.modules.distributions.distributions import DiagonalGaussianDistribution
 from ldm.modules.ema import LitEma
+from ldm.modules.step_context import StepContext
 from ldm.util import default, instantiate_from_config
 
 # The buffers `register_schedule` derives from the betas; all of them are in SD v1 checkpoints.
@@ -58,15 +59,15 @@ class DiffusionWrapper(nn.Module):
         self.conditioning_key = conditioning_key
 
     def forward(self, x: torch.Tensor, t: torch.Tensor, c_concat: Optional[list] = None,
-                c_crossattn: Optional[list] = None) -> torch.Tensor:
+                c_crossattn: Optional[list] = None, step: Optional[StepContext] = None) -> torch.Tensor:
         if self.conditioning_key is None:
-            return self.diffusion_model(x, t)
+            return self.diffusion_model(x, t, step=step)
         if self.conditioning_key == "concat":
-            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t)
+            return self.diffusion_model(torch.cat([x, *c_concat], dim=1), t, step=step)
         context = torch.cat(c_crossattn, dim=1)  # (B, 77, D)
         if self.conditioning_key == "hybrid":
             x = torch.cat([x, *c_concat], dim=1)
-        return self.diffusion_model(x, t, context=context)
+        return self.diffusion_model(x, t, context=context, step=step)
 
 
 class DDPM(nn.Module):
@@ -319,12 +320,14 @@ class LatentDiffusion(DDPM):
         """Scaled latents (B, 4, h, w) -> images (B, 3, 8h, 8w), roughly in [-1, 1]."""
         return self.first_stage_model.decode(z / self.scale_factor)
 
-    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False) -> torch.Tensor:
-        """The UNet's noise prediction eps(x_t, t, cond): (B, 4, h, w)."""
+    def apply_model(self, x_noisy: torch.Tensor, t: torch.Tensor, cond: Any, return_ids: bool = False,
+                    step: Optional[StepContext] = None) -> torch.Tensor:
+        """The UNet's noise prediction eps(x_t, t, cond): (B, 4, h, w). `step`: the call's context for the
+        attention layers (ldm/modules/step_context.py), built by the guidance helper."""
         if not isinstance(cond, dict):
             key = "c_concat" if self.model.conditioning_key == "concat" else "c_crossattn"
             cond = {key: cond if isinstance(cond, list) else [cond]}
-        out = self.model(x_noisy, t, **cond)
+        out = self.model(x_noisy, t, **cond, step=step)
         return out[0] if isinstance(out, tuple) else out
 
     # ---- training -----------------------------------------------------------------------------------

@@ -8,11 +8,13 @@ Every sampler calls `ClassifierFreeGuidance` for each model evaluation and never
   is built; the model output is split with `chunk(2)` in the same order.
 - eps = eps_u + scale * (eps_c - eps_u). With scale == 1 or no unconditional conditioning the
   result would equal eps_c, so only the conditional batch is run (half the compute).
-- Every model call is wrapped in `shared_attention.batch_layout(model, halves, progress)` so the
-  UNet's batch-shared attention never mixes the two halves and knows the sampling progress:
-  progress = step_index / total_steps, 0 for the first (noisiest) step of the whole grid (img2img,
-  which runs its last steps only, starts part way). The step comes from the
-  sampler, never from counting model calls (PLMS evaluates the model twice in its first step).
+- Every model call gets a new `StepContext` (ldm/modules/step_context.py), passed as
+  `apply_model(..., step=...)` down to every attention layer: the number of halves (so that nothing
+  that looks across a batch, such as batch-shared attention, ever mixes the two halves), the step's
+  place in the whole grid (step_index / total_steps, 0 for the first, noisiest step; img2img, which
+  runs its last steps only, starts part way) and the latents' size. The step comes from the sampler,
+  never from counting model calls (PLMS evaluates the model twice in its first step). This helper
+  knows nothing of what the layers do with it.
 
 Assumes latents (B, C, H, W), timesteps shared by the whole batch, and conditionings that are
 tensors (B, ...) or lists / dicts of them (CompVis hybrid conditioning), matching key by key.
@@ -23,9 +25,7 @@ from typing import Any
 
 import torch
 
-# Imported as a module (not the function) so the lookup happens at call time and tests can
-# replace `shared_attention.batch_layout` with a recorder.
-from ldm.modules import shared_attention
+from ldm.modules.step_context import StepContext
 
 GUIDANCE_HALVES = ("unconditional", "conditional")
 """Order of the two halves of a guided batch; batching and splitting both follow this tuple."""
@@ -81,15 +81,14 @@ class ClassifierFreeGuidance:
 
     def __call__(self, x: torch.Tensor, t: int, step_index: int, total_steps: int) -> torch.Tensor:
         """eps for latents x (B, C, H, W) at integer timestep t, during step `step_index` of `total_steps`."""
-        progress = step_index / total_steps
+        step = StepContext(halves=self.halves, step_index=step_index, total_steps=total_steps,
+                           latent_size=(x.shape[-2], x.shape[-1]))
         if not self.guided:
             t_batch = torch.full((x.shape[0],), int(t), device=x.device, dtype=torch.long)  # (B,)
-            with shared_attention.batch_layout(self.model, halves=1, progress=progress):
-                return self.model.apply_model(x, t_batch, self.conditioning)
+            return self.model.apply_model(x, t_batch, self.conditioning, step=step)
         x_in = torch.cat([x, x])  # (2B, C, H, W) in GUIDANCE_HALVES order
         t_in = torch.full((x_in.shape[0],), int(t), device=x.device, dtype=torch.long)  # (2B,)
-        with shared_attention.batch_layout(self.model, halves=2, progress=progress):
-            eps = self.model.apply_model(x_in, t_in, self._both_halves)
+        eps = self.model.apply_model(x_in, t_in, self._both_halves, step=step)
         eps_by_half = dict(zip(GUIDANCE_HALVES, eps.chunk(2)))  # (2B, C, H, W) -> 2 x (B, C, H, W)
         eps_unconditional, eps_conditional = eps_by_half["unconditional"], eps_by_half["conditional"]
         return eps_unconditional + self.scale * (eps_conditional - eps_unconditional)

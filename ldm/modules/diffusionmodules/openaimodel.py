@@ -7,8 +7,11 @@ skip connection of its mirror block) -> `out`. Attribute names are the checkpoin
 Self-attention layers are tagged here, while the UNet is built, with their resolution group: the path
 (`down`, `mid`, `up`) and the level, written as the latent side length SD v1 has there at 512 px
 (64, 32, 16, 8 = 64 / downsampling factor). SD v1 has 16 such layers: down.64 x2, down.32 x2,
-down.16 x2, mid.8 x1, up.16 x3, up.32 x3, up.64 x3. `ldm/modules/shared_attention.py` selects layers
+down.16 x2, mid.8 x1, up.16 x3, up.32 x3, up.64 x3. Batch sharing (`ldm/sharing/`) selects layers
 by these tags.
+
+Per-call state reaches the attention layers as an argument: `forward(..., step=StepContext)` hands the
+model call's step context (ldm/modules/step_context.py) to every transformer, which adds its token grid.
 """
 from __future__ import annotations
 
@@ -21,20 +24,19 @@ import torch.nn.functional as F
 from ldm.modules.attention import CrossAttention, SpatialTransformer
 from ldm.modules.diffusionmodules.util import (avg_pool_nd, checkpoint, conv_nd, normalization,
                                                timestep_embedding, zero_module)
-
-# The latent side length of SD v1 at 512 px at downsampling factor 1; tags name levels by 64 / ds.
-TAG_BASE_RESOLUTION = 64
+from ldm.modules.step_context import TAG_BASE_RESOLUTION, StepContext
 
 
 class TimestepEmbedSequential(nn.Sequential):
     """A sequence of layers; each gets what it needs: ResBlocks the time embedding, transformers the text."""
 
-    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, emb: torch.Tensor, context: Optional[torch.Tensor] = None,
+                step: Optional[StepContext] = None) -> torch.Tensor:
         for layer in self:
             if isinstance(layer, ResBlock):
                 x = layer(x, emb)
             elif isinstance(layer, SpatialTransformer):
-                x = layer(x, context)
+                x = layer(x, context, step)
             else:
                 x = layer(x)
         return x
@@ -163,8 +165,6 @@ class UNetModel(nn.Module):
         self.channel_mult = tuple(channel_mult)
         self.num_classes = num_classes
         self.dtype = torch.float16 if use_fp16 else torch.float32
-        # Set by an active batch-sharing controller (ldm/modules/shared_attention.py), else None.
-        self.shared_attention = None
 
         def transformer(ch: int, tag: str) -> SpatialTransformer:
             if num_head_channels == -1:
@@ -238,7 +238,9 @@ class UNetModel(nn.Module):
                 for attn in layer.self_attention_layers()]
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None) -> torch.Tensor:
+                y: Optional[torch.Tensor] = None, step: Optional[StepContext] = None) -> torch.Tensor:
+        """eps for latents x (B, C, H, W) at `timesteps` (B,) with text `context` (B, 77, D); `step`: this
+        call's context for the attention layers (guidance halves, sampling step; a plain one when None)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y exactly when the model is class-conditional (num_classes)")
         # Inputs are cast to the weights' dtype (float16 after `model.half()`, without autocast) and the
@@ -249,13 +251,15 @@ class UNetModel(nn.Module):
         if self.num_classes is not None:
             emb = emb + self.label_emb(y)
         context = None if context is None else context.to(dtype)
+        if step is None:  # called outside a sampler: one guidance half, no step
+            step = StepContext(latent_size=(x.shape[-2], x.shape[-1]))
         skips = []
         h = x.to(dtype)
         for block in self.input_blocks:
-            h = block(h, emb, context)
+            h = block(h, emb, context, step)
             skips.append(h)
-        h = self.middle_block(h, emb, context)
+        h = self.middle_block(h, emb, context, step)
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
-            h = block(h, emb, context)
+            h = block(h, emb, context, step)
         return self.out(h).to(x.dtype)

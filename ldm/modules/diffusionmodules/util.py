@@ -98,12 +98,6 @@ def avg_pool_nd(dims: int, *args, **kwargs) -> nn.Module:
     raise ValueError(f"unsupported dimensions: {dims}")
 
 
-def noise_like(shape, device, repeat: bool = False, generator: torch.Generator | None = None) -> torch.Tensor:
-    if repeat:
-        return torch.randn((1, *shape[1:]), device=device, generator=generator).repeat(shape[0], *((1,) * (len(shape) - 1)))
-    return torch.randn(shape, device=device, generator=generator)
-
-
 def extract_into_tensor(a: torch.Tensor, t: torch.Tensor, x_shape) -> torch.Tensor:
     """Pick a[t] for each batch element and shape it to broadcast against x: (B,) -> (B, 1, 1, ...)."""
     out = a.gather(-1, t)

@@ -1,24 +1,25 @@
 """Anchors from another run: sharing with images that are not in the batch (a reference).
 
-Anchor mode (ldm/modules/shared_attention.py) lets the first A images of a batch anchor the rest:
+Anchor mode (ldm/sharing/__init__.py) lets the first A images of a batch anchor the rest:
 the anchors attend to themselves only, every other image to its own tokens and the anchors'. The
 anchors' keys and values therefore never depend on the other images, so they can be computed in an
 earlier pass, kept, and offered to any number of later batches: the later images come out as they
 would have beside the anchors, in batches as many and as large as wanted. This module holds that
 split:
 
-- `AnchorRecorder`: while the reference batch is sampled (with its own settings), records the keys
-  and values that the chosen images' self-attention layers compute, per (layer, step), both guidance
-  halves together, for the layers and steps the later run will share in only. With subject words it
-  also makes the chosen images' subject masks from their own cross-attention (`SubjectMaskReader`)
-  and keeps each layer's mask; with AdaIN, the first anchor's query and key statistics.
-- `RecordedAnchors`: the record. Attached to a later run's controller (`SharedAttention.reference`),
-  it makes every image of that run attend to [its own tokens, the anchors' offered tokens of the same
+- `AnchorRecorder`: while the reference batch is sampled (with its own settings, or none), readers on
+  the self-attention layers the later run will share in record the keys and values that the chosen
+  images' layers compute, per (layer, step), both guidance halves together, for the steps of the later
+  run's window only. With subject words it also makes the chosen images' subject masks from their own
+  cross-attention (readers on the mask levels' `attn2`) and keeps each layer's mask; with AdaIN, the
+  first anchor's query and key statistics. Readers only read: the batch comes out as it would alone.
+- `RecordedAnchors`: the record. Given to a later run (`SharedAttention(..., reference=record)`), it
+  makes every image of that run attend to [its own tokens, the anchors' offered tokens of the same
   layer, step and guidance half], exactly the keys a non-anchor image sees in anchor mode: all of
   them, or with subject words and dropout the gathered ones (the batch's gathered kernel).
 
-Keys are the step's progress (step index / number of steps of the whole grid, as the guidance helper
-reports it) and the layer's module path; the later run must sample the same grid (one model call per
+Keys are the step's progress (step index / number of steps of the whole grid, from the call's step
+context) and the layer's module path; the later run must sample the same grid (one model call per
 step: DDIM), all of it (txt2img) or its last steps (img2img, which reads the record at those steps).
 Tensors: k, v (B, heads, N, d) as the layer computes them; the record holds (halves, A, heads, N, d),
 masks (A, N) bool, statistics (halves, A, heads, 1, d).
@@ -27,18 +28,20 @@ from __future__ import annotations
 
 from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Iterator, Optional, Sequence
+from typing import Callable, Iterator, Optional, Sequence
 
 import torch
 import torch.nn as nn
 from einops import rearrange
 
-from ldm.modules.attention import CrossAttention, SpatialTransformer
-from ldm.modules.cross_attention_read import context_of, cross_attention_layers
-from ldm.modules.shared_attention import (SharedAttention, SharedAttentionSettings, attend_across_images, find_unet,
-                                          select_layers)
-from ldm.modules.shared_variants import adain_transfer, attend_own_and_offered, channel_statistics
-from ldm.modules.subject_masks import SubjectMasks
+from ldm.modules.attention import CrossAttention, readers_added
+from ldm.modules.cross_attention_read import cross_attention_layers
+from ldm.modules.step_context import LayerCall
+from ldm.sharing.kernels import attend_across_images, attend_own_and_offered
+from ldm.sharing.layers import find_unet, select_layers
+from ldm.sharing.masks import SubjectMasks
+from ldm.sharing.settings import SharedAttentionSettings
+from ldm.sharing.transforms import adain_transfer, channel_statistics
 
 Key = tuple[str, float]  # (layer module path, step progress)
 Statistics = tuple[torch.Tensor, torch.Tensor]  # (mean, std), each (halves, A, heads, 1, d)
@@ -81,7 +84,6 @@ class RecordedAnchors:
     def __init__(self, seed: Optional[int] = None) -> None:
         self.entries: dict[Key, AnchorEntry] = {}
         self.seed = seed
-        self._current_layer: Optional[str] = None
 
     @property
     def nbytes(self) -> int:
@@ -103,30 +105,14 @@ class RecordedAnchors:
                              "the same sharing settings and steps")
         self.entries = {key: entry.after(other.entries[key]) for key, entry in self.entries.items()}
 
-    @contextmanager
-    def attached(self, controller: SharedAttention) -> Iterator["RecordedAnchors"]:
-        """Offer these anchors to every image of the batches `controller` runs (its shared layers)."""
-        hooks = [layer.register_forward_pre_hook(self._entering(name)) for name, layer in controller.layers]
-        controller.reference = self
-        try:
-            yield self
-        finally:
-            controller.reference = None
-            self._current_layer = None
-            for hook in hooks:
-                hook.remove()
-
-    def _entering(self, name: str):
-        def hook(module: nn.Module, args: tuple) -> None:
-            self._current_layer = name
-        return hook
-
-    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, controller: SharedAttention,
-               strength: float, scale: float) -> torch.Tensor:
-        """q, k, v (B, heads, N, d) of the running layer -> each image over [own, anchors' offers]: (B, heads, N, d).
-        `controller`: the run's (settings, guidance halves, step, dropout generator)."""
-        settings, halves, progress = controller.settings, controller.layout.halves, controller.layout.progress
-        key = (self._current_layer, progress)
+    def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, settings: SharedAttentionSettings,
+               draw: Callable[[int, int], torch.Tensor], call: LayerCall, layer: str, strength: float,
+               scale: float) -> torch.Tensor:
+        """q, k, v (B, heads, N, d) of the shared layer `layer` (module path) -> each image over [own, anchors'
+        offers]: (B, heads, N, d). `settings`: the later run's; `draw(rows, tokens)`: its dropout generator's
+        next uniform draw; `call`: the guidance halves and the step."""
+        halves, progress = call.step.halves, call.step.progress
+        key = (layer, progress)
         if key not in self.entries:
             raise ValueError(f"no anchor keys were recorded for layer {key[0]} at step progress {progress}; the "
                              "reference must be recorded with the run's steps, shared layers and subject words")
@@ -139,9 +125,9 @@ class RecordedAnchors:
             q, k, anchor_k = _adain_towards_first_anchor(q, k, anchor_k, entry, halves)
         if entry.mask is None and settings.dropout == 0:
             return _attend_own_then_anchors(q, k, v, anchor_k, anchor_v, halves, strength, scale)
-        return self._gathered(q, k, v, anchor_k, anchor_v, entry.mask, controller, strength, scale)
+        return self._gathered(q, k, v, anchor_k, anchor_v, entry.mask, settings.dropout, draw, strength, scale)
 
-    def _gathered(self, q, k, v, anchor_k, anchor_v, mask, controller, strength, scale) -> torch.Tensor:
+    def _gathered(self, q, k, v, anchor_k, anchor_v, mask, p, draw, strength, scale) -> torch.Tensor:
         """As the batch's gathered kernel: each anchor offers its subject tokens, less those dropped by
         the draw of a batch [anchors; new images] (rows of the anchors); each image sees its own and these."""
         halves, A, _, M, _ = anchor_k.shape
@@ -149,10 +135,9 @@ class RecordedAnchors:
         keep = torch.ones(halves, A, M, dtype=torch.bool, device=q.device)
         if mask is not None:
             keep &= mask.to(q.device)[None]  # one mask per anchor, both halves
-        p = controller.settings.dropout
         if p > 0:
-            draw = controller.dropout_draw(halves * (A + per_half), M)  # the draw of a batch [anchors; new]
-            keep &= rearrange(draw, "(k g) m -> k g m", k=halves)[:, :A].to(q.device) >= p
+            drawn = draw(halves * (A + per_half), M)  # the draw of a batch [anchors; new]
+            keep &= rearrange(drawn, "(k g) m -> k g m", k=halves)[:, :A].to(q.device) >= p
         offered_k = [anchor_k[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]  # (heads, M_a, d)
         offered_v = [anchor_v[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]
         seen = [[(i // per_half) * A + a for a in range(A)] for i in range(q.shape[0])]  # same half's anchors
@@ -194,48 +179,10 @@ def _adain_towards_first_anchor(q, k, anchor_k, entry: AnchorEntry, halves: int)
     return q, k, anchor_k
 
 
-class SubjectMaskReader:
-    """Subject masks of some images of a running batch, read from their own cross-attention as the
-    controller does (ldm/modules/subject_masks.py): `positions[a]` of conditional image `rows[a]`."""
-
-    def __init__(self, unet: nn.Module, positions: Sequence[Sequence[int]], rows: Sequence[int]):
-        self.unet, self.rows = unet, list(rows)
-        self.masks = SubjectMasks(positions)
-        self.grid: Optional[tuple[int, int]] = None  # token grid of the running transformer
-        self.latent_grid: Optional[tuple[int, int]] = None
-
-    @contextmanager
-    def reading(self) -> Iterator["SubjectMaskReader"]:
-        hooks = [self.unet.register_forward_pre_hook(self._new_call)]
-        hooks += [m.register_forward_pre_hook(self._enter_transformer) for m in self.unet.modules()
-                  if isinstance(m, SpatialTransformer)]
-        hooks += [layer.register_forward_hook(self._read, with_kwargs=True)
-                  for _, tag, layer in cross_attention_layers(self.unet) if self.masks.reads(tag)]
-        try:
-            yield self
-        finally:
-            for hook in hooks:
-                hook.remove()
-
-    def _new_call(self, unet: nn.Module, args: tuple) -> None:
-        self.latent_grid = tuple(args[0].shape[-2:])
-        self.masks.new_call()
-
-    def _enter_transformer(self, transformer: nn.Module, args: tuple) -> None:
-        self.grid = tuple(args[0].shape[-2:])
-
-    def _read(self, layer: nn.Module, args: tuple, kwargs: dict, out: torch.Tensor) -> None:
-        x, context = args[0], context_of(args, kwargs)  # (halves*R, N, C), (halves*R, T, D)
-        halves = self.unet.shared_attention.layout.halves
-        conditional = x.shape[0] // halves
-        rows = [(halves - 1) * conditional + row for row in self.rows]  # the chosen images' conditional rows
-        self.masks.record(layer, x[rows], context[rows], self.grid, self.latent_grid, 1)
-
-
 class AnchorRecorder:
     """Records the keys and values of images `indices` of a batch in the layers and step window of
-    `settings` (the later run's), while the batch samples under its own controller. With subject words
-    give `subject_positions` (of those images' prompts); `seed`: the first recorded image's seed."""
+    `settings` (the later run's), while the batch samples under its own settings (or none). With subject
+    words give `subject_positions` (of those images' prompts); `seed`: the first recorded image's seed."""
 
     def __init__(self, model: nn.Module, settings: SharedAttentionSettings, indices: Sequence[int],
                  dtype: Optional[torch.dtype] = None, subject_positions: Optional[Sequence[Sequence[int]]] = None,
@@ -246,55 +193,53 @@ class AnchorRecorder:
         self.indices = list(indices)
         self.dtype = dtype
         self.record = RecordedAnchors(seed)
-        self.reader: Optional[SubjectMaskReader] = None
+        self.masks: Optional[SubjectMasks] = None
         if settings.subject:
             if subject_positions is None:
                 raise ValueError("recording anchors for subject masks needs the subject's token positions in "
                                  "their prompts")
-            self.reader = SubjectMaskReader(self.unet, subject_positions, self.indices)
+            self.masks = SubjectMasks(subject_positions)  # of the recorded images, from their own cross-attention
 
     @contextmanager
     def recording(self) -> Iterator[RecordedAnchors]:
-        hooks = [layer.register_forward_pre_hook(self._recorder(name, layer)) for name, layer in self.layers]
-        try:
-            if self.reader is None:
-                yield self.record
-            else:
-                with self.reader.reading():
-                    yield self.record
-        finally:
-            for hook in hooks:
-                hook.remove()
+        readers = [(layer, self._recorder(name)) for name, layer in self.layers]
+        if self.masks is not None:
+            readers += [(layer, self._read_masks) for _, tag, layer in cross_attention_layers(self.unet)
+                        if SubjectMasks.reads(tag)]
+        with readers_added(readers):
+            yield self.record
 
-    def _recorder(self, name: str, layer: CrossAttention):
-        def hook(module: nn.Module, args: tuple) -> None:
-            controller: Optional[SharedAttention] = self.unet.shared_attention
-            if controller is None or controller.layout.progress is None:
-                raise RuntimeError("recording anchors needs the batch to sample under a sharing controller "
-                                   "(use an 'off' one for a plain batch), so that the step is known")
-            progress, halves = controller.layout.progress, controller.layout.halves
+    def _read_masks(self, layer: nn.Module, x: torch.Tensor, context: Optional[torch.Tensor], call: LayerCall,
+                    out: torch.Tensor) -> None:
+        self.masks.record(layer, x, context, call, rows=self.indices)
+
+    def _recorder(self, name: str):
+        def read(layer: CrossAttention, x: torch.Tensor, context: Optional[torch.Tensor], call: LayerCall,
+                 out: torch.Tensor) -> None:
+            progress, halves = call.step.progress, call.step.halves
+            if progress is None:
+                raise RuntimeError("recording anchors needs the batch to be sampled (the step of each call is "
+                                   "recorded); call the model through a sampler")
             if not self.settings.in_window(progress):
                 return  # the later run does not share at this step: nothing to keep
-            if self.reader is not None and not self.reader.masks.ready:
-                return  # no mask yet: the later run does not share at this step either
-            x = args[0]  # (halves*R, N, C): self-attention input
+            if self.masks is not None:
+                self.masks.enter_call(call.step)
+                if not self.masks.ready:
+                    return  # no mask yet: the later run does not share at this step either
+            # x (halves*R, N, C): the self-attention input
 
             def chosen(f) -> torch.Tensor:
                 t = rearrange(f(x), "(k b) n (h d) -> k b h n d", k=halves, h=layer.heads)  # (halves, R, heads, N, d)
                 t = t[:, self.indices]  # (halves, A, heads, N, d)
                 return t.to(self.dtype) if self.dtype is not None else t
             entry = AnchorEntry(chosen(layer.to_k).contiguous(), chosen(layer.to_v).contiguous())
-            if self.reader is not None:
-                entry.mask = self.reader.masks.on_grid(self.reader.grid).clone()  # (A, N)
+            if self.masks is not None:
+                entry.mask = self.masks.on_grid(call.grid).clone()  # (A, N)
             if self.settings.adain:
                 entry.q_statistics, entry.k_statistics = channel_statistics(chosen(layer.to_q)), \
                     channel_statistics(entry.k)
             self.record.store(name, progress, entry)
-        return hook
-
-
-OFF = SharedAttentionSettings(strength=float("-inf"))
-"""Settings that share nothing: a plain batch samples under them so that recorders know the step."""
+        return read
 
 
 def record_bytes(unet: nn.Module, settings: SharedAttentionSettings, image_side: int, steps: int, halves: int,

@@ -1,25 +1,25 @@
-"""Metrics of one prompt set: the images of one prompt generated together in one batch.
+"""Metrics of one prompt set of the first demo world (ldm/data/synthetic.py): the images of one prompt
+generated together in one batch.
 
 Within a set: pairwise agreement of the predicted labels of each attribute (class, colour, pattern)
 the prompt leaves open (`ldm.data.synthetic.parse_prompt`), accuracy of those it names, mean pairwise
 cosine similarity of image features, and the spread (population std) of predicted x, y and size.
-A value that does not apply is NaN. Also the descriptions of every metric (METRICS) and timing
-column (TIMING) that the report writes next to the numbers, and `MetricSet`: which metrics a kind of
-instrument writes and reports (`SYNTHETIC_METRICS` here, the world v2's in `ldm.eval.metrics_v2`).
+A value that does not apply is NaN. Also the descriptions of every metric (METRICS) that the report
+writes next to the numbers, and which of them it reports (`SYNTHETIC_METRICS`, a `MetricSet` of
+ldm/eval/metric_set.py; the world v2's are in `ldm.eval.metrics_v2`).
 """
 from __future__ import annotations
 
 import math
-from dataclasses import dataclass
 from itertools import combinations
 from typing import Any, Mapping, Sequence
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
 from ldm.data.synthetic import parse_prompt
 from ldm.errors import InvalidValue
+from ldm.eval.metric_set import MetricSet, finite_mean, spread
 
 NAMED_ATTRIBUTES = ("cls", "colour", "pattern")  # what a prompt may name (`parse_prompt` keys)
 LAYOUT_TARGETS = ("x", "y", "size")
@@ -42,31 +42,12 @@ METRICS: dict[str, str] = {
 }
 
 
-@dataclass(frozen=True)
-class MetricSet:
-    """The metrics one kind of instrument writes (`descriptions`, in column order), the columns of the
-    report's main table, the ones whose change from 'off' it pairs by seed, and those of its
-    per-attribute table (none for v1, whose attributes are all in the main table)."""
-
-    descriptions: Mapping[str, str]
-    report_columns: tuple[str, ...]
-    paired_columns: tuple[str, ...]
-    detail_columns: tuple[str, ...] = ()
-
-
 SYNTHETIC_METRICS = MetricSet(
     descriptions=METRICS,
     report_columns=("agreement", "agree_colour", "agree_pattern", "feature_sim", "acc_cls", "acc_specified",
                     "text_image", "spread_x", "spread_y", "spread_size"),
     paired_columns=("agreement", "feature_sim", "acc_cls", "acc_specified", "text_image"),
 )
-
-TIMING: dict[str, str] = {
-    "sec_per_image": "seconds per image, sampling and decoding (not measuring)",
-    "peak_memory_mb": "peak memory: CUDA max_memory_allocated per set; on the CPU the process's peak RSS "
-                      "(ru_maxrss), a high-water mark that never decreases as configurations run in order",
-}
-
 
 def pairwise_agreement(labels: Sequence[str]) -> float:
     """Share of the unordered pairs of images with equal labels; NaN for fewer than two images."""
@@ -82,21 +63,6 @@ def mean_pairwise_cosine(features: torch.Tensor) -> float:
     unit = F.normalize(features.double().flatten(1), dim=-1)  # (B, D)
     similarity = unit @ unit.T  # (B, B)
     return float((similarity.sum() - similarity.diagonal().sum()) / (b * (b - 1)))
-
-
-def spread(values: Sequence[float]) -> float:
-    """Population std of the values; NaN for fewer than two (no spread within one image)."""
-    if len(values) < 2:
-        return math.nan
-    array = np.asarray(values, dtype=np.float64)
-    # Deviations from one of the values leave the std unchanged and make equal values give exactly 0.
-    return float(np.std(array - array[0]))
-
-
-def finite_mean(values: Sequence[float]) -> float:
-    """Mean of the non-NaN values; NaN when there are none."""
-    finite = [v for v in values if not math.isnan(v)]
-    return sum(finite) / len(finite) if finite else math.nan
 
 
 def named_attributes(prompt: str) -> dict[str, str]:

@@ -3,11 +3,11 @@
 Batch sharing ("all") lets every token of an image copy from every token of the other images, so the
 backgrounds and layouts are pulled together along with the subject. With subject words
 (`SharedAttentionSettings.subject`, e.g. ("chair",)) each query still sees all of its own image's tokens,
-but of the other images only the tokens that show the subject (ldm/modules/shared_attention.py).
+but of the other images only the tokens that show the subject (ldm/sharing/__init__.py).
 
 Where a subject is, is read from the cross-attention of its word: a pixel token whose queries put much
 of their text attention on the subject's tokens belongs to the subject. Cross-attention is only read
-(`ldm.modules.cross_attention_read`), never changed.
+(`ldm.modules.cross_attention_read`, by a reader on the `attn2` layers), never changed.
 
 How a mask is made, per image:
 1. At every model call, every cross-attention layer of the levels `MASK_LEVELS` (16 and 32: coarse
@@ -17,6 +17,8 @@ How a mask is made, per image:
 2. The mask of a step is made from the maps of the last `MASK_HISTORY` calls *before* it (not its own:
    the shared layers of a call may run before its cross-attention layers have all been read), averaged.
    Before the first call there is no mask, so sharing with subject masks starts at the second step.
+   Calls are told apart by their step context (one object per model call, ldm/modules/step_context.py):
+   whichever layer first meets a new one (`enter_call`) closes the previous call's maps.
 3. The averaged map is thresholded by Otsu's method: the threshold that maximises the between-class
    variance of the map's values; tokens at or above it are the subject. A constant map has no
    threshold and gives an empty mask (no evidence where the subject is: nothing is shared).
@@ -39,6 +41,7 @@ from einops import rearrange
 
 from ldm.errors import InvalidValue
 from ldm.modules.cross_attention_read import layer_queries_and_keys, token_probability_map
+from ldm.modules.step_context import LayerCall, StepContext
 
 MASK_LEVELS = ("16", "32")
 MASK_HISTORY = 3
@@ -126,14 +129,19 @@ class SubjectMasks:
         self._current: list[torch.Tensor] = []  # the maps of the running call's layers
         self._mask: Optional[torch.Tensor] = None  # (Bc, H, W) bool for the running call
         self._resized: dict[tuple[int, int], torch.Tensor] = {}
+        self._call: Optional[StepContext] = None  # the running call
 
     @staticmethod
     def reads(tag: Optional[str]) -> bool:
         """Whether the cross-attention layer of level `tag` (e.g. "up.32") feeds the masks."""
         return tag is not None and tag.split(".")[1] in MASK_LEVELS
 
-    def new_call(self) -> None:
-        """A new model call begins: the previous call's maps join the history and the mask is remade."""
+    def enter_call(self, step: StepContext) -> None:
+        """The layers of model call `step` need the masks: when `step` is a new call, the previous call's
+        maps join the history and the mask is remade. Called again within one call, it does nothing."""
+        if step is self._call:
+            return
+        self._call = step
         if self._current:
             self.history.append(torch.stack(self._current).mean(dim=0))
         self._current, self._resized = [], {}
@@ -143,15 +151,25 @@ class SubjectMasks:
         else:
             self._mask = None
 
-    def record(self, layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor, grid: tuple[int, int],
-               latent_grid: tuple[int, int], halves: int) -> None:
-        """Read one cross-attention call: x (B, N, C) on `grid`, context (B, T, D); conditional half only."""
+    def record(self, layer: torch.nn.Module, x: torch.Tensor, context: torch.Tensor, call: LayerCall,
+               rows: Optional[Sequence[int]] = None) -> None:
+        """Read one cross-attention call: x (B, N, C) on `call.grid`, context (B, T, D), of the conditional
+        half only (all of it, or its images `rows`)."""
+        self.enter_call(call.step)
+        halves = call.step.halves
         conditional = x.shape[0] // halves
-        if conditional != len(self.positions):
-            raise ValueError(f"subject token positions were given for {len(self.positions)} prompts but each "
-                             f"guidance half of the batch holds {conditional} images")
-        q, k = layer_queries_and_keys(layer, x[-conditional:], context[-conditional:])  # (Bc, heads, N, d), (Bc, heads, T, d)
+        read = conditional if rows is None else len(rows)
+        if read != len(self.positions):
+            raise ValueError(f"subject token positions were given for {len(self.positions)} prompts but "
+                             f"{read} images of each guidance half are read")
+        if rows is None:
+            x, context = x[-conditional:], context[-conditional:]  # the conditional half
+        else:
+            picked = [(halves - 1) * conditional + row for row in rows]  # its images `rows`
+            x, context = x[picked], context[picked]
+        q, k = layer_queries_and_keys(layer, x, context)  # (Bc, heads, N, d), (Bc, heads, T, d)
         probability = token_probability_map(q, k, layer.scale, self.positions)  # (Bc, N)
+        grid, latent_grid = call.grid, call.step.latent_size
         image = rearrange(probability, "b (h w) -> b 1 h w", h=grid[0], w=grid[1])
         self._current.append(F.interpolate(image, size=latent_grid, mode="bilinear", align_corners=False)[:, 0])
 

@@ -1,10 +1,10 @@
-"""Batch-shared self-attention for a diffusers `StableDiffusionPipeline` (SD v1), as an attention processor.
+"""Batch-shared self-attention for a diffusers `StableDiffusionPipeline` (SD v1), as attention processors.
 
-The mechanism is this project's (`ldm/modules/shared_attention.py`: the why, the kernel, the settings);
-this module only connects it to diffusers' UNet2DConditionModel, so its users get the same sharing:
+The mechanism is this project's (ldm/sharing/: the why, the kernels, the settings, the run); this module
+only connects a `SharingRun` to diffusers' UNet2DConditionModel, so its users get the same sharing:
 
-    from ldm.modules.shared_attention import SharedAttentionSettings
-    from ldm.modules.shared_attention_diffusers import DiffusersSharedAttention
+    from ldm.sharing import SharedAttentionSettings
+    from ldm.sharing.diffusers_processors import DiffusersSharedAttention
 
     with DiffusersSharedAttention(pipe, SharedAttentionSettings(groups=("up",), mode="anchor")):
         images = pipe(["a wooden chair"] * 4).images
@@ -12,28 +12,30 @@ this module only connects it to diffusers' UNet2DConditionModel, so its users ge
 - Layers: every `attn1` of the UNet is tagged like this project's UNet, from its block:
   `down_blocks.i` -> `down.{64 / 2**i}`, `mid_block` -> `mid.{64 / 2**(levels-1)}`, `up_blocks.i` ->
   `up.{64 / 2**(levels-1-i)}` (SD v1: down.64, down.32, down.16, mid.8, up.16, up.32, up.64). The
-  selected ones get `SharedSelfAttentionProcessor`; all other processors stay as they are, and every
-  processor is put back on exit. Cross-attention (`attn2`) is never touched.
-- Guidance halves: diffusers batches `[unconditional; conditional]` as this project does; the number of
-  halves is the pipeline's own `do_classifier_free_guidance`, never guessed from the batch size.
-- Steps: a forward pre-hook on the UNet reads the timestep the pipeline passes and finds its position
-  among the run's timesteps (the last `pipe.num_timesteps` of `pipe.scheduler.timesteps`), so
-  progress = step index / steps, as this project's samplers report it. The same hook reads the latent
-  grid (h, w); a layer's token grid is that grid divided by its level's factor (`down.32`: 2), rounded
-  up as the UNet's stride-2 convolutions round, and checked against the layer's token count.
-- Subject words: the selected levels' `attn2` layers (`MASK_LEVELS` of ldm/modules/subject_masks.py)
-  get a processor that reads their queries and keys into this project's `SubjectMasks` and then calls
-  the layer's own processor, whose output it returns untouched. The subject's token positions come from
-  `prompts` and the pipeline's tokenizer, or are given as `subject_positions`.
+  selected ones get `SharedSelfAttentionProcessor`, which computes q, k, v as diffusers does and hands
+  them to the run's `attend`, the same code this project's UNet runs; all other processors stay as
+  they are, and every processor is put back on exit. Cross-attention (`attn2`) is never changed.
+- The step context: diffusers' pipeline passes its processors nothing that says which step runs, so
+  one forward pre-hook on the UNet (the one hook of the package) reads the timestep the pipeline passes,
+  finds its position among the run's timesteps (the last `pipe.num_timesteps` of
+  `pipe.scheduler.timesteps`) and builds the call's `StepContext` as this project's guidance helper
+  does: the halves are the pipeline's own `do_classifier_free_guidance` (never guessed from the batch
+  size; diffusers batches `[unconditional; conditional]` as this project does), the step index and
+  count, the latent size. A layer's token grid is that size divided by its level's factor, rounded up
+  as the UNet's stride-2 convolutions round, and checked against the layer's token count.
+- Subject words: the mask levels' `attn2` layers (`MASK_LEVELS` of ldm/sharing/masks.py) get a
+  processor that calls the layer's own processor, returns its output untouched, and hands the layer's
+  input to the run's mask reader. The subject's token positions come from `prompts` and the pipeline's
+  tokenizer, or are given as `subject_positions`.
 - Dropout is drawn from a generator seeded by `seed` (this project's samplers use the batch's first
-  seed), so a run with the same seed drops the same tokens.
+  seed), so a run with the same seed drops the same tokens. Recorded anchors (references) are not offered
+  here.
 
 Processors are duck-typed callables in diffusers, so this module imports nothing from diffusers; the
 `diffusers` extra (`pip install -e ".[diffusers]"`) is only needed for the pipeline itself.
 """
 from __future__ import annotations
 
-import math
 import re
 from types import SimpleNamespace
 from typing import Any, Optional, Sequence
@@ -41,9 +43,11 @@ from typing import Any, Optional, Sequence
 import torch
 from einops import rearrange
 
-from ldm.modules.diffusionmodules.openaimodel import TAG_BASE_RESOLUTION
-from ldm.modules.shared_attention import BatchLayout, SharedAttention, SharedAttentionSettings, selected_tags
-from ldm.modules.subject_masks import SubjectMasks, subject_token_positions
+from ldm.modules.step_context import TAG_BASE_RESOLUTION, LayerCall, StepContext
+from ldm.sharing.layers import selected_tags
+from ldm.sharing.masks import SubjectMasks, subject_token_positions
+from ldm.sharing.run import SharingRun
+from ldm.sharing.settings import SharedAttentionSettings
 
 _ATTENTION = re.compile(r"(down_blocks\.(\d+)|mid_block|up_blocks\.(\d+))\.attentions\.\d+\."
                         r"transformer_blocks\.\d+\.(attn1|attn2)\.processor")
@@ -74,10 +78,9 @@ def diffusers_layer_tags(unet: Any) -> dict[str, str]:
 
 
 def token_grid(tag: str, latent_grid: tuple[int, int], tokens: int) -> tuple[int, int]:
-    """The (h, w) token grid of a layer of level `tag` in a UNet called on latents of `latent_grid`:
-    each level below the first halves the grid, rounding up (stride-2 convolutions with padding 1)."""
-    factor = TAG_BASE_RESOLUTION // int(tag.split(".")[1])
-    grid = (math.ceil(latent_grid[0] / factor), math.ceil(latent_grid[1] / factor))
+    """The (h, w) token grid of a layer of level `tag` in a UNet called on latents of `latent_grid`
+    (`StepContext.token_grid`), checked against the `tokens` the layer received."""
+    grid = StepContext(latent_size=latent_grid).token_grid(tag)
     if grid[0] * grid[1] != tokens:
         raise ValueError(f"layer {tag} has {tokens} tokens, which is not the {grid[0]}x{grid[1]} grid its level "
                          f"gives on {latent_grid[0]}x{latent_grid[1]} latents")
@@ -91,21 +94,28 @@ def _plain_ids(tokenizer: Any) -> Any:
 
 class _LayerProcessor:
     """A processor put in place of one layer's own (`original`, kept to call and to restore), knowing
-    the controller and the layer's level tag."""
+    the controller, the layer's processor name and its level tag."""
 
-    def __init__(self, controller: "DiffusersSharedAttention", original: Any, tag: str) -> None:
+    def __init__(self, controller: "DiffusersSharedAttention", original: Any, name: str, tag: str) -> None:
         self.controller = controller
         self.original = original
+        self.name = name
         self.tag = tag
+
+    def layer_call(self, tokens: int) -> LayerCall:
+        """This layer's LayerCall in the running UNet call."""
+        step = self.controller.step
+        return LayerCall(step, token_grid(self.tag, step.latent_size, tokens))
 
 
 class SharedSelfAttentionProcessor(_LayerProcessor):
-    """A diffusers attention processor for one `attn1`: this project's batch sharing while the controller
-    applies (step window, strength), the layer's original processor otherwise."""
+    """A diffusers attention processor for one `attn1`: the run's batch sharing while it applies (step
+    window, strength, subject masks made), the layer's original processor otherwise."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        if not self.controller.applies_now():
+        run = self.controller.run
+        if not run.applies(self.controller.step):
             return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
         unsupported = [name for name, value in (("an attention mask", attention_mask),
                                                 ("a context", encoder_hidden_states),
@@ -116,35 +126,34 @@ class SharedSelfAttentionProcessor(_LayerProcessor):
             raise ValueError(f"batch-shared self-attention supports SD v1's plain self-attention layers; this one "
                              f"has {', '.join(unsupported) or 'a 4-D input'}")
         heads = attn.heads
-        self.controller.grid = token_grid(self.tag, self.controller.latent_grid, hidden_states.shape[1])
+        call = self.layer_call(hidden_states.shape[1])
         q, k, v = (rearrange(proj(hidden_states), "b n (h d) -> b h n d", h=heads)
                    for proj in (attn.to_q, attn.to_k, attn.to_v))  # (B, N, heads*d) -> (B, heads, N, d)
-        out = self.controller.attend(q, k, v, scale=attn.scale)  # (B, heads, N, d)
+        out = run.attend(q, k, v, scale=attn.scale, call=call, layer=self.name)  # (B, heads, N, d)
         out = rearrange(out, "b h n d -> b n (h d)")  # (B, N, heads*d)
         out = attn.to_out[1](attn.to_out[0](out))  # projection, dropout
         return out / attn.rescale_output_factor
 
 
 class SubjectReadingProcessor(_LayerProcessor):
-    """A diffusers attention processor for one `attn2` feeding the subject masks: it reads the layer's
-    queries and keys (conditional half) and returns what the layer's own processor computes, unchanged."""
+    """A diffusers attention processor for one `attn2` feeding the subject masks: it returns what the
+    layer's own processor computes, unchanged, and hands the layer's input to the run's mask reader."""
 
     def __call__(self, attn: Any, hidden_states: torch.Tensor, encoder_hidden_states: Optional[torch.Tensor] = None,
                  attention_mask: Optional[torch.Tensor] = None, *args: Any, **kwargs: Any) -> torch.Tensor:
-        c = self.controller
         if encoder_hidden_states is None or hidden_states.dim() != 3 or getattr(attn, "norm_cross", None):
             raise ValueError("subject masks read SD v1's plain cross-attention layers; this one has no text "
                              "context, a 4-D input or a normalised context")
-        grid = token_grid(self.tag, c.latent_grid, hidden_states.shape[1])
-        c.masks.record(attn, hidden_states, encoder_hidden_states, grid, c.latent_grid, c.layout.halves)
-        return self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        out = self.original(attn, hidden_states, encoder_hidden_states, attention_mask, *args, **kwargs)
+        self.controller.run.read_cross_attention(attn, hidden_states, encoder_hidden_states,
+                                                 self.layer_call(hidden_states.shape[1]))
+        return out
 
 
-class DiffusersSharedAttention(SharedAttention):
-    """The controller for a diffusers pipeline: the same settings, step window and kernel as
-    `SharedAttention` (whose `applies_now` and `attend` it inherits); entering installs the processors
-    on the selected layers (and, with subject words, the reading ones on the mask levels' `attn2`),
-    leaving restores the pipeline's own.
+class DiffusersSharedAttention:
+    """Batch sharing with `settings` on a diffusers pipeline, for a `with` block: entering starts a
+    `SharingRun` and installs the processors on the selected layers (and, with subject words, the
+    reading ones on the mask levels' `attn2`) and the step hook; leaving restores the pipeline's own.
 
     With subject words, `prompts` (the batch's prompts, read with `pipeline.tokenizer`) or
     `subject_positions` (each prompt's subject token positions, 0 = start token) say where the subject
@@ -162,8 +171,6 @@ class DiffusersSharedAttention(SharedAttention):
         self.settings = settings
         self.subject_positions = subject_positions
         self.seed = int(seed)
-        # the rest of the state SharedAttention.attend reads; recorded anchors are not offered here
-        self.masks, self.reference, self.grid, self.latent_grid, self._generator = None, None, None, None, None
         self.pipeline = pipeline
         self.unet = pipeline.unet
         tags = diffusers_layer_tags(self.unet)
@@ -171,37 +178,37 @@ class DiffusersSharedAttention(SharedAttention):
         self.layers = [(name, tag) for (name, tag), keep in zip(tags.items(), chosen) if keep]
         self.readers = [(name, tag) for name, tag in _layer_tags(self.unet, "attn2").items()
                         if settings.subject and SubjectMasks.reads(tag)]
-        self.layout = BatchLayout()
+        self.run: Optional[SharingRun] = None
+        self.step: Optional[StepContext] = None  # the running UNet call's, built by the step hook
         self._previous: dict[str, Any] = {}
         self._hook: Any = None
 
     def __enter__(self) -> "DiffusersSharedAttention":
         if self._hook is not None:
             raise RuntimeError("batch-shared attention is already active on this pipeline; leave it first")
+        self.run = SharingRun(self.settings, self.subject_positions, self.seed)
         self._previous = dict(self.unet.attn_processors)
         processors = dict(self._previous)
         for name, tag in self.layers:
-            processors[name] = SharedSelfAttentionProcessor(self, self._previous[name], tag)
+            processors[name] = SharedSelfAttentionProcessor(self, self._previous[name], name, tag)
         for name, tag in self.readers:
-            processors[name] = SubjectReadingProcessor(self, self._previous[name], tag)
+            processors[name] = SubjectReadingProcessor(self, self._previous[name], name, tag)
         self.unet.set_attn_processor(processors)
         self._hook = self.unet.register_forward_pre_hook(self._read_step, with_kwargs=True)
-        self._begin_run()
         return self
 
     def __exit__(self, *exc: Any) -> None:
         self.unet.set_attn_processor(self._previous)
         self._hook.remove()
         self._hook, self._previous = None, {}
-        self.layout = BatchLayout()
-        self.masks, self._generator, self.grid, self.latent_grid = None, None, None, None
+        self.run, self.step = None, None
 
     def _read_step(self, module: Any, args: tuple, kwargs: dict) -> None:
-        """Before each UNet call: the latent grid, the guidance halves and the step the pipeline is at."""
+        """Before each UNet call: its step context (guidance halves, the step the pipeline is at, latent size)."""
         sample = args[0] if args else kwargs["sample"]
-        self.start_call(tuple(sample.shape[-2:]))
         timestep = args[1] if len(args) > 1 else kwargs["timestep"]
         run = self.pipeline.scheduler.timesteps[-self.pipeline.num_timesteps:]
         position = (run == torch.as_tensor(timestep).flatten()[0].to(run.dtype)).nonzero().flatten()
-        progress = None if len(position) == 0 else position[0].item() / len(run)
-        self.layout = BatchLayout(halves=2 if self.pipeline.do_classifier_free_guidance else 1, progress=progress)
+        step_index, total = (None, None) if len(position) == 0 else (int(position[0].item()), len(run))
+        self.step = StepContext(halves=2 if self.pipeline.do_classifier_free_guidance else 1, step_index=step_index,
+                                total_steps=total, latent_size=(sample.shape[-2], sample.shape[-1]))
