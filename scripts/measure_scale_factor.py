@@ -21,7 +21,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import ArgumentParser, UsageError, resolve_path, run_cli  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_cli  # noqa: E402
+from ldm.generation.builder import resolve_path  # noqa: E402
 from ldm.data.latents import EncodedDataset  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 

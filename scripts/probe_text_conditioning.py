@@ -27,7 +27,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, model_spec, run_cli  # noqa: E402
+from ldm.cli import UsageError, choose_evaluated_model, run_cli  # noqa: E402
+from ldm.generation.builder import check_checkpoint, read_config  # noqa: E402
 from ldm.eval.text_conditioning import (TextConditioningRequest, TextConditioningResults,  # noqa: E402
                                         format_report, measure_text_conditioning)
 from ldm.generation import DEMO_SCALE, choose_device, load_model  # noqa: E402
@@ -74,9 +75,9 @@ def main(argv: Optional[Sequence[str]] = None) -> TextConditioningResults:
     arguments = list(sys.argv[1:] if argv is None else argv)
     opt = parse_args(arguments)
     torch.set_num_threads(opt.threads)
-    spec = model_spec(opt)
+    spec = read_config(opt.config)
     check_text_encoder_config(spec.config_path)
-    ckpt_path = check_checkpoint(opt)
+    ckpt_path = check_checkpoint(opt.ckpt, opt.demo)
     model = load_model(spec, ckpt_path, device=choose_device(opt.device)).module
     request = TextConditioningRequest(latents=opt.latents, seed=opt.seed, steps=opt.steps, scale=opt.scale,
                                       probe_steps=opt.probe_steps, batch_size=opt.batch_size)

@@ -35,7 +35,8 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import UsageError, resolve_path, run_cli  # noqa: E402
+from ldm.cli import UsageError, run_cli  # noqa: E402
+from ldm.generation.builder import resolve_path  # noqa: E402
 from ldm.lightning import Processes, lightning_adapter  # noqa: E402
 from ldm.util import instantiate_from_config  # noqa: E402
 

@@ -4,43 +4,39 @@ Routes: GET / (the page), POST /generate (a form as JSON -> {"job": id}, or {"er
 value), GET /status/<id> (progress, then the result or the error line), GET /files/<path> (the PNGs
 and text files of the output folder: the page's images and its downloads).
 
-A submitted form is checked exactly as txt2img checks its flags: the form becomes a txt2img command
-line (`ldm.app.form`), parsed by txt2img's own `parse_args` and checked by `prepare_generation`, and
-its errors are the CLI's one line. The checked request is generated with `ldm.generation.generate`
-and saved with `save_result`, so every image is the CLI's image, with the CLI's PNG metadata. A bad
-run writes nothing: the run's folder (`outdir/run-NNNN`) is made only after the generation succeeded,
-and holds the images, the grid, the equivalent txt2img command and, for per-image prompts, the prompt
-file that command reads.
+A submitted form is checked exactly as txt2img checks its flags: the form becomes the builder's values
+(`ldm.app.form.form_values`), the same `RunValues` txt2img makes of its flags, checked by the same
+`ldm.generation.builder.prepare_run`, and its errors are the CLI's one line. The checked request is
+generated with `ldm.generation.generate` and saved with `save_result`, so every image is the CLI's
+image, with the CLI's PNG metadata. A bad run writes nothing: the run's folder (`outdir/run-NNNN`) is
+made only after the generation succeeded, and holds the images, the grid, the equivalent txt2img
+command (`ldm.cli.command_flags`) and, for per-image prompts, the prompt file that command reads.
 
 Requests whose Host is not this server's own address are refused, so a web page elsewhere cannot
 reach the server through a name that resolves to 127.0.0.1.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
 import shlex
-import tempfile
 import threading
 import traceback
 import uuid
 from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
+from typing import Any, Optional
 from urllib.parse import quote, unquote, urlsplit
 
-from ldm.app.form import basic_fields, form_argv, per_image_prompts, sharing_fields
+from ldm.app.form import basic_fields, form_values, sharing_fields
 from ldm.app.page import render_page
-from ldm.cli import GENERATION_FLAGS, USER_ERRORS, PreparedRun, UsageError, error_line, prepare_generation
+from ldm.cli import GENERATION_FLAGS, USER_ERRORS, UsageError, command_flags, error_line
 from ldm.generation import GenerationResult, LoadedModel, Progress, generate, new_numbered_folder, save_result
+from ldm.generation.builder import PreparedRun, RunValues, prepare_run, with_model_defaults
 from ldm.modules.shared_attention import valid_group_names
 
 HOST = "127.0.0.1"
 SERVED_SUFFIXES = {".png": "image/png", ".txt": "text/plain; charset=utf-8"}
-ParseArgs = Callable[[Sequence[str]], argparse.Namespace]
 
 
 @dataclass
@@ -49,8 +45,7 @@ class Job:
 
     id: str
     run: PreparedRun
-    command: list[str]  # the equivalent txt2img flags, with the run folder's paths filled in later
-    prompts: Optional[list[str]]
+    values: RunValues  # what the form asked for: the equivalent txt2img command is made of them
     state: str = "running"  # "running", "done" or "error"
     done: int = 0
     total: int = 0
@@ -67,27 +62,17 @@ class Job:
 
 
 class App:
-    """What the page needs: the model, txt2img's flag parser, the model's flags and the output folder."""
+    """What the page needs: the model, the values that name it (`base`: config, checkpoint, device,
+    precision, EMA, as txt2img's flags give them) and the output folder."""
 
-    def __init__(self, model: LoadedModel, parse_args: ParseArgs, model_argv: Sequence[str], outdir: Path):
-        self.model, self.parse_args, self.model_argv = model, parse_args, list(model_argv)
+    def __init__(self, model: LoadedModel, base: RunValues, outdir: Path):
+        self.model, self.base = model, with_model_defaults(base)  # the model's defaults fill the form
         self.outdir = Path(outdir)
-        defaults = self._parse([])  # txt2img's defaults for this model fill the form
-        self.basic, self.sharing = basic_fields(defaults), sharing_fields()
+        self.basic, self.sharing = basic_fields(self.base), sharing_fields()
         self.groups = valid_group_names(model.unet)
         self.page = render_page(self).encode()
         self.jobs: dict[str, Job] = {}
         self._busy = threading.Lock()
-
-    def _parse(self, form_flags: list[str]) -> argparse.Namespace:
-        """txt2img's parse_args on the model's flags and the form's; its one-line error as a UsageError."""
-        stderr = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(stderr):
-                return self.parse_args([*self.model_argv, *form_flags, f"--outdir={self.outdir}"])
-        except SystemExit:
-            message = stderr.getvalue().strip().splitlines()[-1:] or ["the values were refused"]
-            raise UsageError(message[0].removeprefix("error: ").removesuffix(" (see --help)")) from None
 
     def submit(self, values: dict[str, Any]) -> Job:
         """Check a submitted form as txt2img would and start generating it; raises a user error."""
@@ -103,15 +88,9 @@ class App:
         return job
 
     def _prepare(self, values: dict[str, Any]) -> Job:
-        fields = [*self.basic, *self.sharing]
-        prompts = per_image_prompts(values)
-        with tempfile.TemporaryDirectory() as folder:
-            prompt_file = Path(folder) / "prompts.txt"
-            if prompts is not None:
-                prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-            run = prepare_generation(self._parse(form_argv(values, fields, prompt_file)))
-        command = form_argv(values, fields, Path("RUN_FOLDER") / "prompts.txt")
-        return Job(uuid.uuid4().hex, run, command, prompts)
+        run_values = form_values(values, [*self.basic, *self.sharing], self.base)
+        run = prepare_run(run_values)
+        return Job(uuid.uuid4().hex, run, run_values)
 
     def _run(self, job: Job) -> None:
         try:
@@ -120,8 +99,8 @@ class App:
             written = save_result(result, folder)
             command = self.command(job, folder)
             (folder / "command.txt").write_text(command + "\n", encoding="utf-8")
-            if job.prompts is not None:
-                (folder / "prompts.txt").write_text("\n".join(job.prompts) + "\n", encoding="utf-8")
+            if job.values.prompts is not None:
+                (folder / "prompts.txt").write_text("\n".join(job.values.prompts) + "\n", encoding="utf-8")
             job.result = self._describe(result, written, command)
             job.state = "done"
         except USER_ERRORS as error:
@@ -134,13 +113,8 @@ class App:
 
     def command(self, job: Job, folder: Path) -> str:
         """The txt2img command that makes the same images into `folder`."""
-        tokens: list[str] = []
-        for token in [*self.model_argv, *job.command, f"--outdir={folder}"]:
-            token = token.replace("RUN_FOLDER", str(folder))
-            flag, _, value = token.partition("=")
-            # "--flag value" reads better; "--flag=value" stays for values that look like flags
-            tokens += [flag, value] if value and not value.startswith("-") else [token]
-        return "python scripts/txt2img.py " + shlex.join(tokens)
+        tokens = command_flags(job.values, prompt_file=str(folder / "prompts.txt"))
+        return "python scripts/txt2img.py " + shlex.join([*tokens, "--outdir", str(folder)])
 
     def _describe(self, result: GenerationResult, written: list[Path], command: str) -> dict[str, Any]:
         """The result as the page shows it: rows of images with their files, the grid, the settings."""

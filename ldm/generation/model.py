@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ldm.errors import InvalidValue
+from ldm.errors import ConfigError, InvalidValue  # ConfigError: imported from here too
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The demo model is v2 (scenes of ldm/data/world.py: furniture and faces in rooms, configs/demo/v2/);
@@ -42,10 +42,6 @@ DEMO_V1_CKPT = REPO_ROOT / "models" / "demo" / "demo.safetensors"
 # (3 or 5, "How the demo model v2 is judged"); v1's was 3.
 DEMO_SCALE = 5.0
 UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)  # UNetModel's default, for configs that leave it out
-
-
-class ConfigError(ValueError):
-    """A config file that does not describe a model this project can build: bad YAML or missing entries."""
 
 
 @dataclass(frozen=True)

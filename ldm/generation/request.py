@@ -15,14 +15,16 @@ from __future__ import annotations
 import math
 import os
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Union
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch.nn as nn
 from PIL import Image
 
 from ldm.errors import InvalidValue
 from ldm.generation.model import LatentGeometry
+from ldm.generation.reference import Reference
 from ldm.generation.sampling import batches, encode_steps
 from ldm.modules.shared_attention import SharedAttentionSettings, select_layers
 from ldm.modules.subject_masks import check_prompts_name_subject
@@ -83,7 +85,8 @@ class GenerationRequest:
     sharing: Optional[SharedAttentionSettings] = None
     compare: bool = False
     precision: str = "autocast"
-    references: tuple[str, ...] = ()  # images that anchor every batch (ldm/generation/reference.py)
+    # Images that anchor every batch (ldm/generation/reference.py): files, or references read already.
+    references: tuple[Union[str, Reference], ...] = ()
     reference_prompt: str = ""  # what a reference picture (not a generated PNG) is inverted with
     # Record the references' keys and values once per run (True) or again for every batch (False).
     reference_cache: bool = True
@@ -95,8 +98,18 @@ class GenerationRequest:
             object.__setattr__(self, "prompt", tuple(self.prompt))
         if isinstance(self.references, (str, os.PathLike)):
             object.__setattr__(self, "references", (self.references,))
-        object.__setattr__(self, "references", tuple(str(path) for path in self.references))
+        object.__setattr__(self, "references", tuple(r if isinstance(r, Reference) else str(r)
+                                                     for r in self.references))
         _check_values(self)
+
+    def with_references(self, references: Sequence[Reference]) -> "GenerationRequest":
+        """The same request with its references replaced by those files read (so they are read once)."""
+        return replace(self, references=tuple(references))
+
+    @property
+    def reference_names(self) -> list[str]:
+        """The references' file names, as the metadata records them."""
+        return [r.path.name if isinstance(r, Reference) else Path(r).name for r in self.references]
 
     # ---- the plan of the run ----------------------------------------------------------------------
     @property
