@@ -29,6 +29,7 @@ from omegaconf import OmegaConf  # noqa: E402
 
 from ldm.cli import UsageError, choose_evaluated_model, run_cli  # noqa: E402
 from ldm.generation.builder import check_checkpoint, read_config  # noqa: E402
+from ldm.util import load_config_file  # noqa: E402
 from ldm.eval.text_conditioning import (TextConditioningRequest, TextConditioningResults,  # noqa: E402
                                         format_report, measure_text_conditioning)
 from ldm.generation import DEMO_SCALE, choose_device, load_model  # noqa: E402
@@ -65,7 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def check_text_encoder_config(config_path: Path) -> None:
     """The probes read the CLIP tokenizer and text transformer; refuse another encoder before loading."""
-    target = OmegaConf.select(OmegaConf.load(config_path), "model.params.cond_stage_config.target")
+    target = OmegaConf.select(load_config_file(config_path), "model.params.cond_stage_config.target")
     if target != TEXT_ENCODER:
         raise UsageError(f"--config {config_path}: the text encoder is {target}, but this measurement needs "
                          f"{TEXT_ENCODER} (SD v1's CLIP text encoder); use a config with it")
