@@ -30,10 +30,12 @@ from tqdm import tqdm
 
 from ldm.checkpoint.errors import CheckpointError
 from ldm.errors import ConfigError, InvalidValue, SettingsError, format_value
+from ldm.files import FileTooLarge, NotARegularFile
 from ldm.generation.builder import (DEMO_DEFAULTS, SD_CKPT, SD_CONFIG, SD_DEFAULTS, PreparedRun, RunValues,
                                   SharingValues, check_checkpoint, check_unet_input, model_defaults, prepare_run,
                                   read_config, with_model_defaults)
 from ldm.generation.generate import NonFiniteError, Progress, generate
+from ldm.generation.limits import Limits
 from ldm.generation.model import choose_device, load_model
 from ldm.generation.outputs import save_result
 from ldm.modules.shared_attention import MODES, describe_layers
@@ -50,6 +52,7 @@ GENERATION_FLAGS = {
     "scale": "--scale", "eta": "--ddim_eta", "height": "--H", "width": "--W", "init_image": "--init-img",
     "strength": "--strength", "mask_image": "--mask", "fixed_code": "--fixed_code", "compare": "--compare",
     "outdir": "--outdir", "images_per_row": "--n_rows", "save_samples": "--skip_save", "save_grid": "--skip_grid",
+    "limits": "--no-limits",
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
     "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
@@ -67,7 +70,8 @@ class UsageError(ValueError):
 
 # Errors whose message is meant for the user as it stands: a traceback would only hide it.
 USER_ERRORS = (UsageError, InvalidValue, SettingsError, ConfigError, CheckpointError, NonFiniteError,
-               FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+               FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError,
+               NotARegularFile, FileTooLarge)
 
 
 def error_line(error: BaseException, flags: Mapping[str, str]) -> str:
@@ -157,6 +161,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = T
     if image_size:
         group.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, 512 for SD)")
         group.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's, 512 for SD)")
+    limits = Limits()
+    group.add_argument("--no-limits", action="store_true",
+                       help=f"lift the run's size limits (image sides of {limits.max_side:g} px, {limits.max_batch_size:g} "
+                            f"images per batch, {limits.max_images:g} images and {limits.max_prompts:g} prompts per run, "
+                            f"{limits.max_steps:g} steps, {limits.max_prompt_chars:g} characters per prompt) for a "
+                            "machine that can take more")
     group.add_argument("--C", type=int, default=None, help="latent channels (read from the config; a given value must match)")
     group.add_argument("--f", type=int, default=None, help="autoencoder downsampling factor (read from the config; "
                                                            "a given value must match)")
@@ -164,7 +174,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = T
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_outdir: str) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--outdir", type=str, nargs="?", default=default_outdir, help="folder to write results to")
+    group.add_argument("--outdir", type=str, default=default_outdir, help="folder to write results to")
     group.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     group.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     group.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
@@ -264,7 +274,7 @@ def run_values(opt: argparse.Namespace) -> RunValues:
         reference_prompt=opt.shared_attn_reference_prompt, reference_cache=opt.shared_attn_reference_cache == "on",
         demo=opt.demo, config=opt.config, ckpt=opt.ckpt, use_ema=opt.use_ema, device=opt.device,
         precision=opt.precision, channels=opt.C, factor=opt.f, outdir=opt.outdir, save_samples=not opt.skip_save,
-        save_grid=not opt.skip_grid, images_per_row=opt.n_rows)
+        save_grid=not opt.skip_grid, images_per_row=opt.n_rows, limits=Limits.none() if opt.no_limits else Limits())
 
 
 # (field, flag) of the valued flags `command_flags` writes, in the order it writes them.
@@ -281,6 +291,7 @@ def command_flags(values: RunValues, prompt_file: Optional[str] = None) -> list[
     tokens: list[str] = ["--demo"] if values.demo else ["--config", values.config, "--ckpt", values.ckpt]
     for name, flag in (("use_ema", "--use-ema"), ("fixed_code", "--fixed_code"), ("sharing.adain", "--shared-attn-adain")):
         tokens += [flag] if _field(values, name) else []
+    tokens += ["--no-limits"] if values.limits == Limits.none() else []
     for name in ("device", "precision"):
         tokens += _valued(MODEL_FLAGS[name], _field(values, name), _field(defaults, name))
     if values.prompts is not None:
@@ -373,9 +384,13 @@ class ProgressBar:
 def run_generation(run: PreparedRun) -> list[Path]:
     """Load the model, generate the request and save it; returns the files written."""
     model = load_model(run.spec, run.ckpt, device=run.device, use_ema=run.use_ema)
+    request = run.request
+    batches = len(request.batches()) * (2 if request.compare else 1)
+    print(f"Generating {request.image_count * (2 if request.compare else 1)} images in {batches} batches of "
+          f"{request.denoising_steps} steps; the bar estimates the time left from the first steps.")
     bar = ProgressBar()
     try:
-        result = generate(model, run.request, progress=bar)
+        result = generate(model, request, progress=bar)
     finally:
         bar.close()
     output = run.output

@@ -3,7 +3,8 @@ weights is checked here, each file read once, before the slow checkpoint load.
 
 Order (so that the first problem found is the one a user would fix first): the sharing options, the
 prompt file, the config, the checkpoint and its fit to the config and task, the init image and mask,
-the request itself (values, then against the config), the references, the output folder, the device.
+the request itself (values, then against the config, then against the run's `Limits`), the
+references, the output folder, the device.
 """
 from __future__ import annotations
 
@@ -69,9 +70,11 @@ def prepare_run(values: RunValues) -> PreparedRun:
         precision=values.precision, references=tuple(values.references), reference_prompt=values.reference_prompt,
         reference_cache=values.reference_cache, mask_image=mask_image, mask_image_name=_name(values.mask_image))
     request.check_for(model.spec)
+    values.limits.check(request, model.spec.geometry)
     if request.references:  # read once, checked against the run before the weights load
         from ldm.checkpoint import checkpoint_fingerprint
-        references = tuple(r if isinstance(r, Reference) else read_reference(r) for r in request.references)
+        references = tuple(r if isinstance(r, Reference) else read_reference(r, values.limits)
+                           for r in request.references)
         check_references(references, values_to_match(request, model.spec.geometry),
                          checkpoint_fingerprint(model.ckpt), request.sharing.subject, request.reference_prompt)
         notes += reference_notes(references, *request.size_for(model.spec.geometry), request.reference_prompt)
@@ -86,7 +89,9 @@ def prepare_run(values: RunValues) -> PreparedRun:
 
 def _prompt(values: RunValues) -> str | tuple[str, ...]:
     if values.prompt_file is not None:
-        return tuple(read_prompt_file(resolve_path(values.prompt_file)))
+        prompts = tuple(read_prompt_file(resolve_path(values.prompt_file)))
+        values.limits.check_prompts(prompts, "prompt_file", values.prompt_file)
+        return prompts
     if values.prompts is not None:
         return tuple(values.prompts)
     return values.prompt

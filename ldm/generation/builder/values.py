@@ -14,6 +14,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Mapping, Optional, Union
 
 from ldm.errors import SettingsError
+from ldm.generation.limits import Limits
 from ldm.generation.model import DEMO_SCALE
 
 if TYPE_CHECKING:
@@ -90,6 +91,7 @@ class RunValues:
     save_samples: bool = True
     save_grid: bool = True
     images_per_row: int = 0  # 0: the batch size
+    limits: Limits = field(default_factory=Limits)  # how large a run may be (Limits.none(): no bound)
 
 
 def model_defaults(demo: bool, config: Optional[str] = None, ckpt: Optional[str] = None,
