@@ -17,10 +17,11 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ldm.app.server import App, serve  # noqa: E402
+from ldm.app.server import PAGE_LIMITS, App, serve  # noqa: E402
 from ldm.cli import ArgumentParser, UsageError, add_model_arguments, run_cli  # noqa: E402
 from ldm.generation import check_output_folder, choose_device, load_model  # noqa: E402
 from ldm.generation.builder import RunValues, check_model, model_defaults, with_model_defaults  # noqa: E402
+from ldm.generation.limits import Limits  # noqa: E402
 
 DEFAULT_PORT = 7860
 
@@ -32,6 +33,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
                         help=f"port on 127.0.0.1 (default {DEFAULT_PORT}; 0 picks a free one)")
     parser.add_argument("--outdir", type=str, default="outputs/app-samples",
                         help="folder for the runs (run-0000, run-0001, ...)")
+    parser.add_argument("--no-limits", action="store_true",
+                        help=f"lift the page's limits ({PAGE_LIMITS.max_images:g} images and {PAGE_LIMITS.max_steps:g} "
+                             f"steps per generation, {PAGE_LIMITS.max_prompt_chars:g} characters per prompt)")
     opt = parser.parse_args(argv)
     model_defaults(opt.demo, opt.config, opt.ckpt)  # --demo with another model is refused
     if not 0 <= opt.port <= 65535:
@@ -40,9 +44,11 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 
 def model_values(opt: argparse.Namespace) -> RunValues:
-    """The builder's values that choose this page's model, device and precision (txt2img's flags for them)."""
+    """The builder's values that choose this page's model, device and precision (txt2img's flags for them),
+    and its limits."""
     return with_model_defaults(RunValues(demo=not (opt.config or opt.ckpt), config=opt.config, ckpt=opt.ckpt,
-                                         use_ema=opt.use_ema, device=opt.device, precision=opt.precision))
+                                         use_ema=opt.use_ema, device=opt.device, precision=opt.precision,
+                                         limits=Limits.none() if opt.no_limits else PAGE_LIMITS))
 
 
 def main(argv: Optional[Sequence[str]] = None) -> None:

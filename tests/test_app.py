@@ -18,7 +18,7 @@ import pytest
 from PIL import Image
 
 from ldm.app.form import PAGE_SET_FLAGS, basic_fields, form_values, sharing_fields
-from ldm.app.server import App, serve
+from ldm.app.server import PAGE_LIMITS, App, serve
 from ldm.cli import add_shared_attention_arguments, command_flags, run_values
 from ldm.generation import load_demo_model, read_png_metadata
 from ldm.generation.builder import RunValues, with_model_defaults
@@ -37,7 +37,7 @@ def demo_model():
 def page(demo_model, tmp_path_factory):
     """The page's server for the demo model on a free port, serving in a thread."""
     outdir = tmp_path_factory.mktemp("app")
-    server = serve(App(demo_model, RunValues(demo=True, device="cpu"), outdir), 0)
+    server = serve(App(demo_model, RunValues(demo=True, device="cpu", limits=PAGE_LIMITS), outdir), 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -47,7 +47,8 @@ def page(demo_model, tmp_path_factory):
 
 def request(server, method: str, path: str, body: Any = None, host: str | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection(*server.server_address, timeout=60)
-    headers = {"Content-Type": "application/json", "Host": host or f"127.0.0.1:{server.server_address[1]}"}
+    own = f"127.0.0.1:{server.server_address[1]}"
+    headers = {"Content-Type": "application/json", "Host": host or own, "Origin": f"http://{own}"}
     connection.request(method, path, None if body is None else json.dumps(body), headers)
     response = connection.getresponse()
     return response.status, response.read()
@@ -180,7 +181,7 @@ def test_a_second_generation_waits_for_the_first_instead_of_running_beside_it(pa
     assert status == 200
     second_status, second_body = request(page, "POST", "/generate", FORM)
     assert (second_status, json.loads(second_body)["error"]) == (
-        400, "error: a generation is already running; wait until it has finished")
+        400, "error: a generation is already running; wait until it has finished, or cancel it")
     while json.loads(request(page, "GET", f"/status/{json.loads(body)['job']}")[1])["state"] == "running":
         time.sleep(0.1)
 
@@ -223,7 +224,7 @@ def test_the_command_the_page_shows_gives_txt2img_the_values_of_the_form(form, t
     if values.prompts is not None:
         assert (parsed.prompt_file, parsed.batch_size) == (str(prompt_file), len(values.prompts))
         parsed = replace(parsed, prompt_file=None, prompts=values.prompts, prompt=values.prompt)
-    assert replace(parsed, outdir=None) == values
+    assert replace(parsed, outdir=None, limits=values.limits) == values
 
 
 def test_server_listens_on_loopback_and_refuses_other_host_names(page):

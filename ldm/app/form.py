@@ -10,8 +10,9 @@ as the explanation: a checkbox for a flag without a value, a list for one with c
 otherwise; it sets the RunValues field the CLI's flag sets (`GENERATION_FLAGS`).
 
 A submitted form is a JSON object whose keys are the fields' flags (plus "prompt", "per_image" and
-"groups"), its values strings as typed. `form_values` converts each by its option's type (whole
-number, number, text) and leaves empty fields out, which means the CLI's default.
+"groups"), its values strings as typed (the references: a list of uploads and result URLs).
+`form_values` converts each by its option's type (whole number, number, text) and leaves empty fields
+out, which means the CLI's default.
 """
 from __future__ import annotations
 
@@ -33,8 +34,9 @@ FIELD_OF_FLAG = {flag: name for name, flag in GENERATION_FLAGS.items()}
 # How a typed text becomes a value, for the option types argparse knows them by, and what a wrong one needs.
 TYPE_NAMES = {int: "a whole number", float: "a number"}
 # Fields whose value is not the option's type as it stands.
-CONVERSIONS: Mapping[str, Callable[[str], Any]] = {"reference_cache": lambda text: text == "on",
-                                                   "references": lambda text: (text,)}
+CONVERSIONS: Mapping[str, Callable[[str], Any]] = {"reference_cache": lambda text: text == "on"}
+# The field of reference images: uploads or the page's own results (ldm/app/uploads.py), never a path.
+REFERENCE_FLAG = "--shared-attn-reference"
 
 
 @dataclass(frozen=True)
@@ -45,7 +47,7 @@ class FormField:
     name: str  # the RunValues field it sets, e.g. "steps" or "sharing.mode"
     label: str
     help: str
-    kind: str  # "text", "checkbox" or "select"
+    kind: str  # "text", "checkbox", "select" or "reference" (pictures: uploads or the page's results)
     choices: tuple[str, ...] = ()
     value: str = ""  # what the box starts with; "" leaves the CLI's default
     type: Callable[[str], Any] = str  # the option's type: int, float or str
@@ -82,6 +84,9 @@ def _field(action: argparse.Action, label: str, value: Any = None) -> FormField:
     name, help_text = FIELD_OF_FLAG[flag], _help_text(action)
     if action.nargs == 0:  # store_true and the like: the flag alone
         return FormField(flag, name, label, help_text, "checkbox")
+    if flag == REFERENCE_FLAG:
+        return FormField(flag, name, label, "an uploaded picture, or an image of this page's results (its 'use as "
+                         "reference' button), that every new image also shares with (anchor mode)", "reference")
     shown = "" if value is None else str(value)
     if action.choices is not None:
         return FormField(flag, name, label, help_text, "select", tuple(str(c) for c in action.choices), shown)
@@ -116,9 +121,11 @@ def per_image_prompts(values: Mapping[str, Any]) -> Optional[tuple[str, ...]]:
     return prompts
 
 
-def form_values(values: Mapping[str, Any], fields: Sequence[FormField], base: RunValues) -> RunValues:
-    """A submitted form as the builder's values, over `base` (the page's model); with per-image prompts
-    there are as many images as prompts."""
+def form_values(values: Mapping[str, Any], fields: Sequence[FormField], base: RunValues,
+                resolve_reference: Optional[Callable[[Any], str]] = None) -> RunValues:
+    """A submitted form as the builder's values, over `base` (the page's model and limits); with per-image
+    prompts there are as many images as prompts. Reference items become files through
+    `resolve_reference` (ldm/app/uploads.py); without it a form with references is refused."""
     prompts = per_image_prompts(values)
     run = replace(base, prompt=" ".join(str(values.get("prompt", "")).split()), prompts=prompts)
     groups = values.get("groups") or []
@@ -132,6 +139,13 @@ def form_values(values: Mapping[str, Any], fields: Sequence[FormField], base: Ru
             value = True if value else None
         elif prompts is not None and field.name == "batch_size":
             value = len(prompts)  # one image per prompt
+        elif field.kind == "reference":
+            if not value:
+                continue
+            if not isinstance(value, list) or resolve_reference is None:
+                raise InvalidValue("references", str(value)[:80], "give uploaded pictures or images of this "
+                                                                  "page's results")
+            value = tuple(resolve_reference(item) for item in value)
         elif value is None or not str(value).strip():
             continue
         else:
