@@ -89,7 +89,7 @@ def read_reference(path: str | os.PathLike, limits: Limits = Limits()) -> Refere
     hint = "a PNG this project generated or a picture"
     try:
         opened = read_image_file(path, "reference", hint)
-        metadata = metadata_of(opened) if path.suffix.lower() == ".png" else {}
+        metadata = metadata_of(opened)  # PNG text chunks; other formats have none
         image = to_rgb(opened)
     except FileNotFoundError:
         raise InvalidValue("references", str(path), f"no such file; give {hint}") from None
