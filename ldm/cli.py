@@ -1,64 +1,58 @@
-"""The command-line layer: flags become one checked `GenerationRequest`; library errors become one line.
+"""The command-line layer: flags become the builder's values; library errors become one line.
 
 Flag names and defaults follow CompVis' scripts; the project's additions are `--device`,
 `--negative-prompt`, `--use-ema`, `--demo` and the `--shared-attn*` / `--compare` family. Options whose
 default differs between SD v1 and the shipped demo model default to None here and are filled in by
-`apply_model_defaults`, so an explicit flag always wins; the image size, latent channels (--C) and
-factor (--f) come from the model's config (a given --C or --f must agree with it).
+`apply_model_defaults` (from `ldm.generation.builder`'s tables), so an explicit flag always wins; the
+image size, latent channels (--C) and factor (--f) come from the model's config (a given --C or --f
+must agree with it).
 
-`prepare_generation` checks every flag and file that can be checked without the weights (flag
-combinations, sharing settings, prompt file, config, checkpoint format, the request against the
-config, the output folder, the device), so a mistake surfaces before the slow checkpoint load;
-`run_generation` then loads, generates (`ldm.generation.generate`) and saves.
+`prepare_generation` maps the flags to `RunValues` (`run_values`) and hands them to the builder
+(`ldm.generation.builder.prepare_run`), which checks every value and file that can be checked without the
+weights, so a mistake surfaces before the slow checkpoint load; `run_generation` then loads, generates
+(`ldm.generation.generate`) and saves. `command_flags` is the way back: the flags that give some values
+(the web page shows them as the equivalent command).
 
-Errors: flag combinations raise `UsageError` here; the library raises ordinary exceptions about
-values (`ldm.errors.InvalidValue` names the request field, which `run_cli` maps to its flag). Either
-way the user sees one line, `error: ...`, and exit status 2.
+Errors: flags that cannot go together raise `UsageError` here; the library raises errors about values
+(`ldm.errors.InvalidValue` names the field, `SettingsError` writes fields as `{field}`), which
+`run_cli` writes with each field's flag. Either way the user sees one line, `error: ...`, and exit
+status 2.
 """
 from __future__ import annotations
 
 import argparse
 import re
 import sys
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Mapping, Optional, Sequence
 
-import torch
-from PIL import Image
 from tqdm import tqdm
 
-from ldm.checkpoint import checkpoint_fingerprint
 from ldm.checkpoint.errors import CheckpointError
-from ldm.errors import InvalidValue, format_value
+from ldm.errors import ConfigError, InvalidValue, SettingsError, format_value
+from ldm.files import FileTooLarge, NotARegularFile
+from ldm.generation.builder import (DEMO_DEFAULTS, SD_CKPT, SD_CONFIG, SD_DEFAULTS, PreparedRun, RunValues,
+                                  SharingValues, check_checkpoint, check_unet_input, model_defaults, prepare_run,
+                                  read_config, with_model_defaults)
 from ldm.generation.generate import NonFiniteError, Progress, generate
-from ldm.generation.inputs import fit_to_multiple, open_image, read_prompt_file
-from ldm.generation.model import (DEMO_SCALE, REPO_ROOT, ConfigError, ModelSpec, choose_device, load_model,
-                                  read_model_spec)
-from ldm.generation.outputs import check_output_folder, save_result
-from ldm.generation.reference import check_references, read_reference, reference_notes, values_to_match
-from ldm.generation.request import GenerationRequest
+from ldm.generation.limits import Limits
+from ldm.generation.model import choose_device, load_model
+from ldm.generation.outputs import save_result
+from ldm.sharing import MODES, describe_layers
 from ldm.modules.token_grids import self_attention_grids
-from ldm.sharing import MODES, SharedAttentionSettings, describe_layers
 
-SD_CONFIG = "configs/stable-diffusion/v1-inference.yaml"
-SD_CKPT = "models/ldm/stable-diffusion-v1/model.ckpt"
-DEMO_CONFIG = "configs/demo/v2/demo-inference.yaml"  # ldm.generation.model.DEMO_CONFIG, relative to the repository
-DEMO_CKPT = "models/demo/v2/demo.safetensors"
-
-# Defaults that depend on the model: SD v1 (CompVis' values) and the demo model (CPU-quick).
-SD_DEFAULTS = dict(config=SD_CONFIG, ckpt=SD_CKPT, ddim_steps=50, scale=7.5, n_samples=3, n_iter=2)
-DEMO_DEFAULTS = dict(config=DEMO_CONFIG, ckpt=DEMO_CKPT, ddim_steps=25, scale=DEMO_SCALE, n_samples=4, n_iter=1)
-SHARING_OPTIONS = ("shared_attn_mode", "shared_attn_anchors", "shared_attn_steps", "shared_attn_strength",
-                   "shared_attn_subject", "shared_attn_dropout", "shared_attn_adain")
-
-# The flag that sets each request field (and sharing setting) in txt2img and img2img.
+# Flags every script that names a model has, by builder field.
+MODEL_FLAGS = {"config": "--config", "ckpt": "--ckpt", "demo": "--demo", "use_ema": "--use-ema", "device": "--device",
+               "precision": "--precision", "channels": "--C", "factor": "--f"}
+# The flag that sets each field of RunValues (and of the request and sharing settings) in txt2img and img2img.
 GENERATION_FLAGS = {
+    **MODEL_FLAGS,
     "prompt": "--prompt", "prompt_file": "--from-file", "negative_prompt": "--negative-prompt", "seed": "--seed",
     "batch_size": "--n_samples", "n_iter": "--n_iter", "sampler": "--plms/--dpm_solver", "steps": "--ddim_steps",
     "scale": "--scale", "eta": "--ddim_eta", "height": "--H", "width": "--W", "init_image": "--init-img",
-    "strength": "--strength", "mask_image": "--mask", "precision": "--precision", "device": "--device",
-    "compare": "--compare",
+    "strength": "--strength", "mask_image": "--mask", "fixed_code": "--fixed_code", "compare": "--compare",
+    "outdir": "--outdir", "images_per_row": "--n_rows", "save_samples": "--skip_save", "save_grid": "--skip_grid",
+    "limits": "--no-limits",
     "sharing.groups": "--shared-attn", "sharing.mode": "--shared-attn-mode", "sharing.anchors": "--shared-attn-anchors",
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
     "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
@@ -66,6 +60,8 @@ GENERATION_FLAGS = {
     "sharing.subject": "--shared-attn-subject", "sharing.dropout": "--shared-attn-dropout",
     "sharing.adain": "--shared-attn-adain",
 }
+# argparse destinations of the fields whose flag is named otherwise (for the model defaults).
+DESTINATIONS = {"steps": "ddim_steps", "batch_size": "n_samples"}
 
 
 class UsageError(ValueError):
@@ -73,14 +69,20 @@ class UsageError(ValueError):
 
 
 # Errors whose message is meant for the user as it stands: a traceback would only hide it.
-USER_ERRORS = (UsageError, InvalidValue, ConfigError, CheckpointError, NonFiniteError, FileNotFoundError,
-               IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError)
+USER_ERRORS = (UsageError, InvalidValue, SettingsError, ConfigError, CheckpointError, NonFiniteError,
+               FileNotFoundError, IsADirectoryError, NotADirectoryError, PermissionError, FileExistsError,
+               NotARegularFile, FileTooLarge)
 
 
 def error_line(error: BaseException, flags: Mapping[str, str]) -> str:
-    """The one line shown for a user error; an InvalidValue names the flag of its field."""
-    if isinstance(error, InvalidValue) and error.field in flags:
-        text = f"{flags[error.field]} {format_value(error.value)}: {error.problem}"
+    """The one line shown for a user error, naming each field by its flag (`flags`, over MODEL_FLAGS)."""
+    names = {**MODEL_FLAGS, **flags}
+    if isinstance(error, InvalidValue) and error.field in names:
+        text = f"{names[error.field]} {format_value(error.value)}: {error.describe_problem(names)}"
+    elif isinstance(error, InvalidValue):
+        text = f"{error.field}={format_value(error.value)}: {error.describe_problem(names)}"
+    elif isinstance(error, SettingsError):
+        text = error.describe(names)
     else:
         text = str(error)
     return "error: " + re.sub(r"\s*\n\s*", " ", text.strip())
@@ -159,6 +161,12 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = T
     if image_size:
         group.add_argument("--H", type=int, default=None, help="image height in pixels (default: the model's, 512 for SD)")
         group.add_argument("--W", type=int, default=None, help="image width in pixels (default: the model's, 512 for SD)")
+    limits = Limits()
+    group.add_argument("--no-limits", action="store_true",
+                       help=f"lift the run's size limits (image sides of {limits.max_side:g} px, {limits.max_batch_size:g} "
+                            f"images per batch, {limits.max_images:g} images and {limits.max_prompts:g} prompts per run, "
+                            f"{limits.max_steps:g} steps, {limits.max_prompt_chars:g} characters per prompt) for a "
+                            "machine that can take more")
     group.add_argument("--C", type=int, default=None, help="latent channels (read from the config; a given value must match)")
     group.add_argument("--f", type=int, default=None, help="autoencoder downsampling factor (read from the config; "
                                                            "a given value must match)")
@@ -166,7 +174,7 @@ def add_sampling_arguments(parser: argparse.ArgumentParser, image_size: bool = T
 
 def add_output_arguments(parser: argparse.ArgumentParser, default_outdir: str) -> None:
     group = parser.add_argument_group("output")
-    group.add_argument("--outdir", type=str, nargs="?", default=default_outdir, help="folder to write results to")
+    group.add_argument("--outdir", type=str, default=default_outdir, help="folder to write results to")
     group.add_argument("--skip_grid", action="store_true", help="do not save a grid, only individual samples")
     group.add_argument("--skip_save", action="store_true", help="do not save individual samples")
     group.add_argument("--n_rows", type=int, default=0, help="images per grid row (default: n_samples)")
@@ -220,110 +228,114 @@ def check_prompt_given(opt: argparse.Namespace, example: str) -> None:
         raise UsageError(f"--prompt needs a text, e.g. --prompt \"{example}\" (or use --from-file)")
 
 
-def apply_model_defaults(opt: argparse.Namespace, sd_defaults: Optional[dict[str, Any]] = None) -> None:
-    """Fill unset model-dependent options from the SD v1 or the demo defaults; `sd_defaults` overrides
-    some SD v1 values (CompVis' img2img uses other batch and guidance defaults than its txt2img)."""
-    defaults = DEMO_DEFAULTS if opt.demo else {**SD_DEFAULTS, **(sd_defaults or {})}
+def apply_model_defaults(opt: argparse.Namespace, sd_defaults: Optional[Mapping[str, Any]] = None) -> None:
+    """Fill unset model-dependent options from the SD v1 or the demo defaults (`ldm.generation.builder`);
+    `sd_defaults` (by RunValues field) overrides some SD v1 values (CompVis' img2img uses other batch and
+    guidance defaults than its txt2img)."""
+    defaults = model_defaults(opt.demo, opt.config, opt.ckpt, sd_defaults)
     # Whether the user named weights (rather than SD v1's default file): `--shared-attn help` then loads
     # them to measure the token grids; a --config alone shows its layers without loading anything.
     opt.weights_named = bool(opt.demo or opt.ckpt is not None)
     for name, value in defaults.items():
-        if getattr(opt, name, None) is None:
-            setattr(opt, name, value)
+        if getattr(opt, DESTINATIONS.get(name, name), None) is None:
+            setattr(opt, DESTINATIONS.get(name, name), value)
 
 
 def choose_evaluated_model(opt: argparse.Namespace) -> None:
     """For the measuring scripts: the demo model unless --config or --ckpt names another; fills
     opt.demo, opt.config, opt.ckpt and unset opt.steps / opt.scale from that model's defaults."""
-    if opt.demo and (opt.config or opt.ckpt):
-        raise UsageError("--demo uses the shipped demo model; drop --demo to give --config and --ckpt")
+    model_defaults(opt.demo, opt.config, opt.ckpt)  # --demo with another model is refused
     opt.demo = opt.demo or not (opt.config or opt.ckpt)
     defaults = DEMO_DEFAULTS if opt.demo else SD_DEFAULTS
     opt.config, opt.ckpt = opt.config or defaults["config"], opt.ckpt or defaults["ckpt"]
-    opt.steps = opt.steps if opt.steps is not None else defaults["ddim_steps"]
+    opt.steps = opt.steps if opt.steps is not None else defaults["steps"]
     opt.scale = opt.scale if opt.scale is not None else defaults["scale"]
 
 
 # ---------------------------------------------------------------------------------------------------
-# Files and the model, checked before the (slow) checkpoint load
+# Flags to values, and back
 # ---------------------------------------------------------------------------------------------------
-def resolve_path(path: str) -> Path:
-    """Relative paths are tried from the working directory, then from the repository root."""
-    candidate = Path(path)
-    if candidate.exists() or candidate.is_absolute():
-        return candidate
-    in_repo = REPO_ROOT / candidate
-    return in_repo if in_repo.exists() else candidate
+def run_values(opt: argparse.Namespace) -> RunValues:
+    """The builder's values for txt2img's, img2img's or inpaint's parsed flags."""
+    if opt.plms and opt.dpm_solver:
+        raise UsageError("--plms and --dpm_solver exclude each other; choose one (or neither for DDIM)")
+    return RunValues(
+        prompt=opt.prompt, prompt_file=opt.from_file, negative_prompt=opt.negative_prompt, seed=opt.seed,
+        batch_size=opt.n_samples, n_iter=opt.n_iter, fixed_code=opt.fixed_code,
+        sampler="plms" if opt.plms else "dpm_solver" if opt.dpm_solver else "ddim", steps=opt.ddim_steps,
+        scale=opt.scale, eta=opt.ddim_eta, height=getattr(opt, "H", None), width=getattr(opt, "W", None),
+        init_image=getattr(opt, "init_img", None), strength=getattr(opt, "strength", 0.75),
+        mask_image=getattr(opt, "mask", None),
+        sharing=SharingValues(groups=opt.shared_attn, mode=opt.shared_attn_mode, anchors=opt.shared_attn_anchors,
+                              steps=opt.shared_attn_steps, strength=opt.shared_attn_strength,
+                              subject=opt.shared_attn_subject, dropout=opt.shared_attn_dropout,
+                              adain=opt.shared_attn_adain),
+        compare=opt.compare, references=tuple(opt.shared_attn_reference or ()),
+        reference_prompt=opt.shared_attn_reference_prompt, reference_cache=opt.shared_attn_reference_cache == "on",
+        demo=opt.demo, config=opt.config, ckpt=opt.ckpt, use_ema=opt.use_ema, device=opt.device,
+        precision=opt.precision, channels=opt.C, factor=opt.f, outdir=opt.outdir, save_samples=not opt.skip_save,
+        save_grid=not opt.skip_grid, images_per_row=opt.n_rows, limits=Limits.none() if opt.no_limits else Limits())
 
 
-def model_spec(opt: argparse.Namespace) -> ModelSpec:
-    """--config read and checked (YAML, entries, UNet layout); a given --C / --f must match it."""
-    spec = read_model_spec(resolve_path(opt.config))
-    geometry = spec.geometry
-    for flag, value, actual, where in (("--C", getattr(opt, "C", None), geometry.channels, "embed_dim"),
-                                       ("--f", getattr(opt, "f", None), geometry.factor, "2 ** (len(ch_mult) - 1)")):
-        if value is not None and value != actual:
-            raise UsageError(f"{flag} {value}: the model's autoencoder has {actual} there ({opt.config}: "
-                             f"first_stage_config {where}); drop {flag} or set it to {actual}")
-    return spec
+# (field, flag) of the valued flags `command_flags` writes, in the order it writes them.
+COMMAND_ORDER = ("batch_size", "n_iter", "seed", "steps", "scale", "eta", "negative_prompt", "height", "width",
+                 "sharing.mode", "sharing.anchors", "sharing.steps", "sharing.strength", "sharing.subject",
+                 "sharing.dropout", "references", "reference_prompt", "reference_cache")
 
 
-def check_checkpoint(opt: argparse.Namespace) -> Path:
-    """--ckpt exists and is a checkpoint by its content (safetensors or torch.save) or a diffusers SD v1
-    pipeline folder, without loading it."""
-    from ldm.checkpoint import checkpoint_format
-    from ldm.checkpoint.diffusers_folder import inspect_diffusers_folder, is_diffusers_folder
-    ckpt = resolve_path(opt.ckpt)
-    if not ckpt.exists():
-        if opt.demo:
-            raise UsageError(f"the demo model is missing at {opt.ckpt}; it ships with the repository, "
-                             f"so restore it with git (git checkout -- {Path(opt.ckpt).parent})")
-        raise UsageError(
-            f"checkpoint not found: {opt.ckpt}. Download the official Stable Diffusion v1 weights "
-            f"(sd-v1-4.ckpt from the CompVis stable-diffusion-v-1-4-original model page on Hugging Face, "
-            f"after accepting its license) and save them as {SD_CKPT}, or pass --ckpt PATH "
-            f"(.ckpt or .safetensors). To try the project without them, run with --demo (a tiny model "
-            f"that ships with the repository and runs on a CPU).")
-    if is_diffusers_folder(ckpt):
-        inspect_diffusers_folder(ckpt)  # components and weight files present; no tensor read yet
+def command_flags(values: RunValues, prompt_file: Optional[str] = None) -> list[str]:
+    """txt2img's flags for the run `values` describe (without --outdir), leaving out values equal to its
+    defaults; per-image `prompts` are read from `prompt_file`, which the caller writes."""
+    defaults = with_model_defaults(RunValues(demo=values.demo, config=values.config, ckpt=values.ckpt))
+    values = with_model_defaults(values)
+    tokens: list[str] = ["--demo"] if values.demo else ["--config", values.config, "--ckpt", values.ckpt]
+    for name, flag in (("use_ema", "--use-ema"), ("fixed_code", "--fixed_code"), ("sharing.adain", "--shared-attn-adain")):
+        tokens += [flag] if _field(values, name) else []
+    tokens += ["--no-limits"] if values.limits == Limits.none() else []
+    for name in ("device", "precision"):
+        tokens += _valued(MODEL_FLAGS[name], _field(values, name), _field(defaults, name))
+    if values.prompts is not None:
+        tokens += _valued("--from-file", prompt_file, None) + _valued("--n_samples", len(values.prompts), None)
     else:
-        checkpoint_format(ckpt)
-    return ckpt
+        tokens += _valued("--prompt", values.prompt, None)
+    if values.sharing.groups is not None:
+        tokens += _valued("--shared-attn", values.sharing.groups, None) + (["--compare"] if values.compare else [])
+    for name in COMMAND_ORDER:
+        if name == "batch_size" and values.prompts is not None:
+            continue  # one image per prompt
+        value, default = _field(values, name), _field(defaults, name)
+        if name == "reference_cache":
+            value, default = ("on" if value else "off"), "on"
+        for item in (value if name == "references" else (value,)):
+            tokens += _valued(GENERATION_FLAGS[name], getattr(item, "path", item), default)
+    return tokens
 
 
-def check_unet_input(opt: argparse.Namespace, spec: ModelSpec, ckpt: Path, inpainting: bool) -> None:
-    """The checkpoint's UNet reads as many input channels as the config's (4 text-to-image, 9 inpainting),
-    and the script fits the model: refused before the load, naming which script or config fits."""
-    from ldm.checkpoint.peek import unet_input_channels
-    channels, config_channels = spec.geometry.channels, int(spec.unet.in_channels)
-    inpainting_channels = 2 * channels + 1
-    file_channels = unet_input_channels(ckpt)
-    if file_channels is not None and file_channels != config_channels:
-        kind = ("an inpainting checkpoint: use scripts/inpaint.py (config "
-                "configs/stable-diffusion/v1-inpainting-inference.yaml)" if file_channels == inpainting_channels else
-                "a text-to-image checkpoint, not an inpainting one (those read 9, e.g. sd-v1-5-inpainting): use "
-                "txt2img.py or img2img.py" if file_channels == channels and inpainting else
-                "give the --config that matches it")
-        raise UsageError(f"--ckpt {opt.ckpt}: its UNet reads {file_channels} input channels but --config "
-                         f"{opt.config} builds one reading {config_channels}; it is {kind}")
-    if not inpainting and config_channels == inpainting_channels:
-        raise UsageError(f"--config {opt.config} is an inpainting model ({config_channels} input channels): use "
-                         "scripts/inpaint.py with --init-img and --mask")
-    if inpainting and config_channels != inpainting_channels:
-        raise UsageError(f"--config {opt.config} is not an inpainting model (its UNet reads {config_channels} "
-                         f"input channels, not {inpainting_channels}); use "
-                         "configs/stable-diffusion/v1-inpainting-inference.yaml with an inpainting checkpoint")
+def _field(values: RunValues, name: str) -> Any:
+    group, _, attribute = name.rpartition(".")
+    return getattr(getattr(values, group) if group else values, attribute)
 
 
+def _valued(flag: str, value: Any, default: Any) -> list[str]:
+    """["--flag", "value"], ["--flag=value"] for a value that looks like a flag, or [] for the default."""
+    if value is None or value == default:
+        return []
+    text = str(value)
+    return [f"{flag}={text}"] if text.startswith("-") else [flag, text]
+
+
+# ---------------------------------------------------------------------------------------------------
+# txt2img, img2img and inpaint: prepare, then run
+# ---------------------------------------------------------------------------------------------------
 def print_shared_attention_help(opt: argparse.Namespace) -> None:
     """--shared-attn help: the groups, layers and modes from the config; when weights are named (--demo or
     --ckpt), the model is loaded as generation loads it and each layer's token grid at --H/--W (default:
     the model's size) is measured by one forward pass. Nothing is generated or written."""
-    spec = model_spec(opt)
+    spec = read_config(opt.config, getattr(opt, "C", None), getattr(opt, "f", None))
     unet, grids = spec.unet, None
     if getattr(opt, "weights_named", False):
-        ckpt = check_checkpoint(opt)
-        check_unet_input(opt, spec, ckpt, inpainting=hasattr(opt, "mask"))
+        ckpt = check_checkpoint(opt.ckpt, opt.demo)
+        check_unet_input(spec, ckpt, hasattr(opt, "mask"), opt.config, opt.ckpt)
         height = getattr(opt, "H", None) or spec.geometry.native_size
         width = getattr(opt, "W", None) or spec.geometry.native_size
         spec.geometry.check_size(height, width)
@@ -342,88 +354,15 @@ def print_shared_attention_help(opt: argparse.Namespace) -> None:
               "token grid at --H/--W (default: the model's size).")
 
 
-def shared_attention_settings(opt: argparse.Namespace) -> Optional[SharedAttentionSettings]:
-    """The settings the --shared-attn* flags describe, or None when sharing is off."""
-    given = [name for name in SHARING_OPTIONS if getattr(opt, name) is not None]
-    if opt.shared_attn is None:
-        if given:
-            flag = "--" + given[0].replace("_", "-")
-            raise UsageError(f"{flag} only applies together with --shared-attn GROUPS; add --shared-attn "
-                             f"(e.g. all) or drop {flag}")
-        if opt.compare:
-            raise UsageError("--compare shows sharing against no sharing; add --shared-attn GROUPS (e.g. all)")
-        return None
-    try:
-        return SharedAttentionSettings.from_values(
-            opt.shared_attn, mode=opt.shared_attn_mode, anchors=opt.shared_attn_anchors, steps=opt.shared_attn_steps,
-            strength=opt.shared_attn_strength, subject=opt.shared_attn_subject, dropout=opt.shared_attn_dropout,
-            adain=opt.shared_attn_adain)
-    except InvalidValue as error:
-        raise error.within("sharing") from None
-
-
-# ---------------------------------------------------------------------------------------------------
-# txt2img and img2img: prepare, then run
-# ---------------------------------------------------------------------------------------------------
-@dataclass(frozen=True)
-class PreparedRun:
-    """Everything checked and resolved before the model loads."""
-
-    request: GenerationRequest
-    spec: ModelSpec
-    ckpt: Path
-    device: torch.device
-
-
 def prepare_generation(opt: argparse.Namespace) -> PreparedRun:
-    """Check every flag and file that can be checked without the weights; `opt.init_img` (img2img, when
-    the script has that flag) is read and fitted to the model here."""
-    if opt.plms and opt.dpm_solver:
-        raise UsageError("--plms and --dpm_solver exclude each other; choose one (or neither for DDIM)")
-    sharing = shared_attention_settings(opt)
-    prompt = tuple(read_prompt_file(resolve_path(opt.from_file))) if opt.from_file else opt.prompt
-    spec = model_spec(opt)
-    ckpt = check_checkpoint(opt)
-    check_unet_input(opt, spec, ckpt, inpainting=getattr(opt, "mask", None) is not None)
-    init_image, init_name = None, None
-    if getattr(opt, "init_img", None) is not None:
-        opened = open_image(opt.init_img)
-        init_image, init_name = fit_to_multiple(opened, spec.geometry.pixel_multiple), Path(opt.init_img).name
-        if init_image.size != opened.size:
-            print(f"init image {init_name}: {opened.width}x{opened.height} resized to {init_image.width}x"
-                  f"{init_image.height} (a multiple of {spec.geometry.pixel_multiple})")
-    mask_image, mask_name = None, None
-    if getattr(opt, "mask", None) is not None:
-        if init_image is None:
-            raise UsageError("--mask needs --init-img, the picture to repaint")
-        mask_image, mask_name = open_image(opt.mask, field="mask_image", what="mask"), Path(opt.mask).name
-        if mask_image.size != opened.size:
-            raise UsageError(f"--mask {opt.mask} is {mask_image.width}x{mask_image.height} but --init-img "
-                             f"{opt.init_img} is {opened.width}x{opened.height}; give a mask of the picture's size")
-        mask_image = mask_image.resize(init_image.size, resample=Image.Resampling.NEAREST)
-    request = GenerationRequest(
-        prompt=prompt, negative_prompt=opt.negative_prompt, seed=opt.seed, batch_size=opt.n_samples,
-        n_iter=opt.n_iter, fixed_code=opt.fixed_code,
-        sampler="plms" if opt.plms else "dpm_solver" if opt.dpm_solver else "ddim", steps=opt.ddim_steps,
-        scale=opt.scale, eta=opt.ddim_eta, height=getattr(opt, "H", None), width=getattr(opt, "W", None),
-        init_image=init_image, init_image_name=init_name, strength=getattr(opt, "strength", 0.75),
-        sharing=sharing, compare=opt.compare, precision=opt.precision,
-        references=tuple(getattr(opt, "shared_attn_reference", None) or ()),
-        reference_prompt=getattr(opt, "shared_attn_reference_prompt", ""),
-        reference_cache=getattr(opt, "shared_attn_reference_cache", "on") == "on", mask_image=mask_image,
-        mask_image_name=mask_name)
-    request.check_for(spec)
-    if request.references:  # the files and their settings, before the weights load
-        references = [read_reference(path) for path in request.references]
-        check_references(references, values_to_match(request, spec.geometry), checkpoint_fingerprint(ckpt),
-                         request.sharing.subject, request.reference_prompt)
-        for note in reference_notes(references, *request.size_for(spec.geometry), request.reference_prompt):
-            print(f"note: {note}", file=sys.stderr)
-    if sharing is not None and sharing.mode == "anchor" and sharing.anchors >= opt.n_samples:
-        print(f"note: {sharing.anchors} anchors with {opt.n_samples} images per batch: every image is an "
-              "anchor, which is the same as --shared-attn-mode all", file=sys.stderr)
-    check_output_folder(opt.outdir)
-    return PreparedRun(request, spec, ckpt, choose_device(opt.device))
+    """The flags checked by the builder, with its notes shown; `opt.init_img` (img2img, when the script
+    has that flag) is read and fitted to the model there."""
+    run = prepare_run(run_values(opt))
+    for line in run.info:
+        print(line)
+    for note in run.notes:
+        print(f"note: {note}", file=sys.stderr)
+    return run
 
 
 class ProgressBar:
@@ -442,17 +381,22 @@ class ProgressBar:
             self.bar.close()
 
 
-def run_generation(opt: argparse.Namespace, run: PreparedRun) -> list[Path]:
+def run_generation(run: PreparedRun) -> list[Path]:
     """Load the model, generate the request and save it; returns the files written."""
-    model = load_model(run.spec, run.ckpt, device=run.device, use_ema=opt.use_ema)
+    model = load_model(run.spec, run.ckpt, device=run.device, use_ema=run.use_ema)
+    request = run.request
+    batches = len(request.batches()) * (2 if request.compare else 1)
+    print(f"Generating {request.image_count * (2 if request.compare else 1)} images in {batches} batches of "
+          f"{request.denoising_steps} steps; the bar estimates the time left from the first steps.")
     bar = ProgressBar()
     try:
-        result = generate(model, run.request, progress=bar)
+        result = generate(model, request, progress=bar)
     finally:
         bar.close()
-    written = save_result(result, opt.outdir, samples=not opt.skip_save, grid=not opt.skip_grid,
-                          images_per_row=opt.n_rows if opt.n_rows > 0 else None)
+    output = run.output
+    written = save_result(result, output.folder, samples=output.samples, grid=output.grid,
+                          images_per_row=output.images_per_row)
     for error in result.metadata.get("reference_inversion_errors", []):
         print(f"reference picture: DDIM inversion reconstructs its latent with relative RMS error {error:.3f}")
-    print(f"Your samples are ready and waiting for you here:\n{Path(opt.outdir).resolve()}")
+    print(f"Your samples are ready and waiting for you here:\n{output.folder.resolve()}")
     return written

@@ -25,8 +25,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 
 import torch  # noqa: E402
 
-from ldm.cli import (ArgumentParser, UsageError, check_checkpoint, choose_evaluated_model, model_spec,  # noqa: E402
-                     run_cli)
+from ldm.cli import ArgumentParser, UsageError, choose_evaluated_model, run_cli  # noqa: E402
+from ldm.generation.builder import check_checkpoint, read_config  # noqa: E402
 from ldm.eval.attention_stats import AttentionRecorder, prediction_change  # noqa: E402
 from ldm.generation import DEMO_SCALE, GenerationRequest, choose_device, generate, load_model  # noqa: E402
 
@@ -60,9 +60,9 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, dict[str, float]]:
     # One set without sharing, DDIM with eta 0, in float32: what the statistics describe.
     request = GenerationRequest(prompt=opt.prompt, seed=opt.seed, batch_size=opt.n_samples, sampler="ddim",
                                 steps=opt.steps, scale=opt.scale, precision="full")
-    spec = model_spec(opt)
+    spec = read_config(opt.config)
     request.check_for(spec)
-    ckpt_path = check_checkpoint(opt)
+    ckpt_path = check_checkpoint(opt.ckpt, opt.demo)
     device = choose_device(opt.device)
     torch.set_num_threads(opt.threads)
     model = load_model(spec, ckpt_path, device=device)

@@ -28,8 +28,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ldm.cli import (ArgumentParser, UsageError, check_checkpoint, choose_evaluated_model, model_spec,  # noqa: E402
-                     resolve_path, run_cli)
+from ldm.cli import ArgumentParser, UsageError, choose_evaluated_model, run_cli  # noqa: E402
+from ldm.generation.builder import check_checkpoint, read_config, resolve_path  # noqa: E402
 from ldm.errors import InvalidValue  # noqa: E402
 from ldm.eval.configurations import CONFIGURATION_SYNTAX, resolve_configurations  # noqa: E402
 from ldm.eval.consistency import (DEFAULT_PROMPTS_BY_WORLD, WORLD_V2_CLASSIFIER, WORLD_V2_SEGMENTER,  # noqa: E402
@@ -146,8 +146,8 @@ def build_request(opt: argparse.Namespace) -> EvalRequest:
         if opt.features is None:
             for prompt in prompts:
                 named_attributes(prompt)  # an ambiguous prompt is an error before anything runs
-    spec = model_spec(opt)
-    ckpt_path = check_checkpoint(opt)
+    spec = read_config(opt.config)
+    ckpt_path = check_checkpoint(opt.ckpt, opt.demo)
     configurations = resolve_configurations(opt.configs.split(","), spec.unet)
     sampling = Sampling(opt.steps, opt.scale, opt.set_size, opt.precision)
     for configuration in configurations:  # e.g. a step window that selects none of --steps, or a prompt

@@ -22,8 +22,8 @@ from typing import Optional, Sequence
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
-from ldm.cli import (DEMO_CKPT, DEMO_CONFIG, ArgumentParser, UsageError, check_checkpoint, model_spec,  # noqa: E402
-                     resolve_path, run_cli)
+from ldm.cli import ArgumentParser, UsageError, run_cli  # noqa: E402
+from ldm.generation.builder import DEMO_CKPT, DEMO_CONFIG, check_checkpoint, read_config, resolve_path  # noqa: E402
 from ldm.eval.consistency import WORLD_V2_CLASSIFIER, check_results_folder  # noqa: E402
 from ldm.eval.prompt_following import (DEFAULT_OUTPUT_ROOT, DEFAULT_PROMPT_COUNT, DEFAULT_SCALES,  # noqa: E402
                                        HELD_OUT_SEED, PromptFollowingRequest, evaluate_prompt_following)
@@ -83,9 +83,8 @@ def build_request(opt: argparse.Namespace) -> PromptFollowingRequest:
         hint = ("the demo model ships with the repository: restore it with git (git checkout -- models/demo/v2)"
                 if opt.ckpt == DEMO_CKPT else "pass the weights of a world v2 model")
         raise UsageError(f"--ckpt {opt.ckpt}: no such file; {hint}")
-    opt.demo = False
-    spec = model_spec(opt)
-    ckpt = check_checkpoint(opt)  # its format, by content
+    spec = read_config(opt.config)
+    ckpt = check_checkpoint(opt.ckpt)  # its format, by content
     classifier = resolve_path(opt.classifier)
     if not classifier.is_file():
         raise UsageError(f"--classifier {opt.classifier}: no such file; train the world v2 instruments with "

@@ -1,4 +1,4 @@
-"""Measure how consistent new images in other scenes are with a reference, on a world-v2 model.
+"""Measure how consistent new images in other scenes are with a reference (issue 14), on a world-v2 model.
 
     python scripts/eval_reference.py --outdir outputs/reference-eval
     python scripts/eval_reference.py --config CONFIG --ckpt CKPT --classifier SCENE_CLASSIFIER \\
@@ -25,8 +25,8 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 from tqdm import tqdm  # noqa: E402
 
-from ldm.cli import (DEMO_CKPT, DEMO_CONFIG, ArgumentParser, UsageError, check_checkpoint, model_spec,  # noqa: E402
-                     resolve_path, run_cli)
+from ldm.cli import ArgumentParser, UsageError, run_cli  # noqa: E402
+from ldm.generation.builder import DEMO_CKPT, DEMO_CONFIG, check_checkpoint, read_config, resolve_path  # noqa: E402
 from ldm.eval.reference_consistency import (APPEARANCE, REFERENCE_PROMPTS, ReferenceEvalRequest,  # noqa: E402
                                             evaluate_references, summarize_references)
 from ldm.eval.consistency import WORLD_V2_CLASSIFIER, check_results_folder  # noqa: E402
@@ -80,9 +80,8 @@ def build_request(opt: argparse.Namespace) -> ReferenceEvalRequest:
     if not classifier.is_file():
         raise UsageError(f"--classifier {classifier}: no such file; train the world v2 instruments "
                          "(configs/demo/v2/README.md) or pass its path")
-    spec = model_spec(opt)
-    opt.demo = False
-    check_checkpoint(opt)
+    spec = read_config(opt.config)
+    check_checkpoint(opt.ckpt)
     from ldm.sharing import select_layers
     for group in groups:
         try:

@@ -25,7 +25,7 @@ from ldm.cli import (ArgumentParser, UsageError, add_model_arguments, add_output
                      prepare_generation, print_shared_attention_help, run_cli, run_generation)
 
 # CompVis' img2img defaults where they differ from its txt2img (SD v1 only; --demo keeps its own).
-IMG2IMG_SD_DEFAULTS = dict(n_samples=2, n_iter=1, scale=5.0)
+IMG2IMG_SD_DEFAULTS = dict(batch_size=2, n_iter=1, scale=5.0)
 
 
 def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
@@ -62,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
         print(f"note: strength {request.strength} with {request.steps} steps runs no step; the outputs are the "
               "init image passed through the autoencoder", file=sys.stderr)
     print(f"target t_enc is {request.denoising_steps} steps")
-    return run_generation(opt, run)
+    return run_generation(run)
 
 
 if __name__ == "__main__":

@@ -66,7 +66,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
         if value is None:
             raise UsageError(f"{flag} is required: inpainting repaints the white region of --mask in --init-img")
     run = prepare_generation(opt)
-    return run_generation(opt, run)
+    return run_generation(run)
 
 
 if __name__ == "__main__":

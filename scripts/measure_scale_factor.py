@@ -19,11 +19,11 @@ from typing import Optional, Sequence
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a checkout without installing
 
 import torch  # noqa: E402
-from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import ArgumentParser, UsageError, resolve_path, run_cli  # noqa: E402
+from ldm.cli import ArgumentParser, UsageError, run_cli  # noqa: E402
+from ldm.generation.builder import resolve_path  # noqa: E402
 from ldm.data.latents import EncodedDataset  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, load_config_file  # noqa: E402
 
 
 def parse_args(argv: Optional[Sequence[str]] = None):
@@ -46,10 +46,10 @@ def parse_args(argv: Optional[Sequence[str]] = None):
 def main(argv: Optional[Sequence[str]] = None) -> float:
     opt = parse_args(argv)
     torch.set_num_threads(opt.threads)
-    model_config = OmegaConf.load(resolve_path(opt.autoencoder)).model
+    model_config = load_config_file(resolve_path(opt.autoencoder)).model
     model_config.params.ckpt_path = str(resolve_path(opt.weights))
     autoencoder = instantiate_from_config(model_config).eval()
-    data_config = OmegaConf.load(resolve_path(opt.data)).data
+    data_config = load_config_file(resolve_path(opt.data)).data
     if opt.seed is not None:
         data_config.params.seed = opt.seed
     images = instantiate_from_config(data_config)

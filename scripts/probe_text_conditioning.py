@@ -27,7 +27,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))  # run from a check
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import UsageError, check_checkpoint, choose_evaluated_model, model_spec, run_cli  # noqa: E402
+from ldm.cli import UsageError, choose_evaluated_model, run_cli  # noqa: E402
+from ldm.generation.builder import check_checkpoint, read_config  # noqa: E402
+from ldm.util import load_config_file  # noqa: E402
 from ldm.eval.text_conditioning import (TextConditioningRequest, TextConditioningResults,  # noqa: E402
                                         format_report, measure_text_conditioning)
 from ldm.generation import DEMO_SCALE, choose_device, load_model  # noqa: E402
@@ -64,7 +66,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
 
 def check_text_encoder_config(config_path: Path) -> None:
     """The probes read the CLIP tokenizer and text transformer; refuse another encoder before loading."""
-    target = OmegaConf.select(OmegaConf.load(config_path), "model.params.cond_stage_config.target")
+    target = OmegaConf.select(load_config_file(config_path), "model.params.cond_stage_config.target")
     if target != TEXT_ENCODER:
         raise UsageError(f"--config {config_path}: the text encoder is {target}, but this measurement needs "
                          f"{TEXT_ENCODER} (SD v1's CLIP text encoder); use a config with it")
@@ -74,9 +76,9 @@ def main(argv: Optional[Sequence[str]] = None) -> TextConditioningResults:
     arguments = list(sys.argv[1:] if argv is None else argv)
     opt = parse_args(arguments)
     torch.set_num_threads(opt.threads)
-    spec = model_spec(opt)
+    spec = read_config(opt.config)
     check_text_encoder_config(spec.config_path)
-    ckpt_path = check_checkpoint(opt)
+    ckpt_path = check_checkpoint(opt.ckpt, opt.demo)
     model = load_model(spec, ckpt_path, device=choose_device(opt.device)).module
     request = TextConditioningRequest(latents=opt.latents, seed=opt.seed, steps=opt.steps, scale=opt.scale,
                                       probe_steps=opt.probe_steps, batch_size=opt.batch_size)

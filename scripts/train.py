@@ -35,9 +35,10 @@ import numpy as np  # noqa: E402
 import torch  # noqa: E402
 from omegaconf import OmegaConf  # noqa: E402
 
-from ldm.cli import UsageError, resolve_path, run_cli  # noqa: E402
+from ldm.cli import UsageError, run_cli  # noqa: E402
+from ldm.generation.builder import resolve_path  # noqa: E402
 from ldm.lightning import Processes, lightning_adapter  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import check_targets, instantiate_from_config, load_config_file  # noqa: E402
 
 
 def seed_everything(seed: int) -> None:
@@ -147,7 +148,8 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
         raise UsageError(f"--out {opt.out}: weights are written as .safetensors; give a name ending in .safetensors")
     if out.exists() and not opt.force:
         raise UsageError(f"{out} exists; pass --force to replace it, or choose another --out")
-    config = OmegaConf.merge(*(OmegaConf.load(p) for p in config_paths))
+    config = OmegaConf.merge(*(load_config_file(p) for p in config_paths))
+    check_targets(config)  # every target allowed before anything is built
     processes = processes_of(config, opt.accelerator, opt.devices, opt.strategy)
     if opt.threads:
         torch.set_num_threads(opt.threads)

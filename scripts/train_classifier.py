@@ -36,7 +36,7 @@ from ldm.data.synthetic import SyntheticObjects, render  # noqa: E402
 from ldm.eval.degrade import degrade, to_model_range  # noqa: E402
 from ldm.eval.attribute_classifier import (REGRESSION_TARGETS, AttributeClassifier,  # noqa: E402
                                            default_vocab, save_attribute_classifier)
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, load_config_file  # noqa: E402
 
 # Regression errors are divided by this before squaring. Smaller units weigh position and size more,
 # but their gradients then swamp the shared trunk (Adam scales updates by the largest gradients) and
@@ -156,7 +156,7 @@ def main(argv: Optional[Sequence[str]] = None) -> None:
     existing = [str(p) for p in (out, card) if p.exists()]
     if existing and not opt.force:
         raise UsageError(f"{', '.join(existing)} already exist(s); pass --force to replace, or choose another --out")
-    config = OmegaConf.merge(OmegaConf.load(opt.config), OmegaConf.from_dotlist(opt.overrides))
+    config = OmegaConf.merge(load_config_file(opt.config), OmegaConf.from_dotlist(opt.overrides))
     train_cfg = config.training
     torch.set_num_threads(int(train_cfg.num_threads))
     torch.manual_seed(int(train_cfg.seed))

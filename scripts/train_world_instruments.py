@@ -36,7 +36,7 @@ from ldm.data.world import VOCABULARY  # noqa: E402
 from ldm.eval.degrade import degrade, to_model_range  # noqa: E402
 from ldm.eval.scene_classifier import IGNORE, SceneClassifier, save_scene_classifier  # noqa: E402
 from ldm.eval.segmenter import SubjectSegmenter, mask_iou, save_segmenter  # noqa: E402
-from ldm.util import instantiate_from_config  # noqa: E402
+from ldm.util import instantiate_from_config, load_config_file  # noqa: E402
 
 OUTPUTS = ("scene_classifier.safetensors", "segmenter.safetensors", "instruments.json")
 
@@ -179,7 +179,7 @@ def main(argv: Optional[Sequence[str]] = None) -> dict[str, Any]:
     if not Path(opt.config).is_file():
         raise UsageError(f"--config {opt.config} is not a file; pass e.g. configs/demo/v2/instruments.yaml")
     try:
-        config = OmegaConf.merge(OmegaConf.load(opt.config), OmegaConf.from_dotlist(opt.overrides))
+        config = OmegaConf.merge(load_config_file(opt.config), OmegaConf.from_dotlist(opt.overrides))
     except ValueError as error:
         raise UsageError(f"overrides {opt.overrides}: {error}; write them as key=value") from None
     torch.set_num_threads(int(config.training.num_threads))

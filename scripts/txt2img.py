@@ -46,7 +46,7 @@ def main(argv: Optional[Sequence[str]] = None) -> list[Path]:
     if opt.shared_attn == "help":
         print_shared_attention_help(opt)
         return []
-    return run_generation(opt, prepare_generation(opt))
+    return run_generation(prepare_generation(opt))
 
 
 if __name__ == "__main__":

@@ -5,9 +5,11 @@ from __future__ import annotations
 
 import http.client
 import json
+import math
 import shlex
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -15,10 +17,11 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from ldm.app.form import PAGE_SET_FLAGS, form_argv, sharing_fields
-from ldm.app.server import App, serve
-from ldm.cli import add_shared_attention_arguments
+from ldm.app.form import PAGE_SET_FLAGS, basic_fields, form_values, sharing_fields
+from ldm.app.server import PAGE_LIMITS, App, serve
+from ldm.cli import add_shared_attention_arguments, command_flags, run_values
 from ldm.generation import load_demo_model, read_png_metadata
+from ldm.generation.builder import RunValues, with_model_defaults
 from tests.conftest import load_script
 
 txt2img = load_script("txt2img")
@@ -34,7 +37,7 @@ def demo_model():
 def page(demo_model, tmp_path_factory):
     """The page's server for the demo model on a free port, serving in a thread."""
     outdir = tmp_path_factory.mktemp("app")
-    server = serve(App(demo_model, txt2img.parse_args, ["--demo", "--device=cpu"], outdir), 0)
+    server = serve(App(demo_model, RunValues(demo=True, device="cpu", limits=PAGE_LIMITS), outdir), 0)
     thread = threading.Thread(target=server.serve_forever, daemon=True)
     thread.start()
     yield server
@@ -44,7 +47,8 @@ def page(demo_model, tmp_path_factory):
 
 def request(server, method: str, path: str, body: Any = None, host: str | None = None) -> tuple[int, bytes]:
     connection = http.client.HTTPConnection(*server.server_address, timeout=60)
-    headers = {"Content-Type": "application/json", "Host": host or f"127.0.0.1:{server.server_address[1]}"}
+    own = f"127.0.0.1:{server.server_address[1]}"
+    headers = {"Content-Type": "application/json", "Host": host or own, "Origin": f"http://{own}"}
     connection.request(method, path, None if body is None else json.dumps(body), headers)
     response = connection.getresponse()
     return response.status, response.read()
@@ -146,7 +150,7 @@ def test_per_image_prompts_equal_the_txt2img_command_the_page_shows(page, tmp_pa
 
 @pytest.mark.parametrize("change, message", [
     ({"--ddim_steps": "0"}, "error: --ddim_steps 0: must be a whole number of at least 1"),
-    ({"--seed": "abc"}, "error: argument --seed: invalid int value: 'abc'"),
+    ({"--seed": "abc"}, "error: --seed abc: must be a whole number"),
     ({"groups": ["sideways"]}, "error: --shared-attn sideways: "),
     ({"groups": [], "--shared-attn-mode": "anchor"}, "error: --shared-attn-mode only applies together with"),
     ({"--shared-attn-steps": "0.9:0.95"}, "error: --shared-attn-steps 0.9:0.95: the step window selects none"),
@@ -177,7 +181,7 @@ def test_a_second_generation_waits_for_the_first_instead_of_running_beside_it(pa
     assert status == 200
     second_status, second_body = request(page, "POST", "/generate", FORM)
     assert (second_status, json.loads(second_body)["error"]) == (
-        400, "error: a generation is already running; wait until it has finished")
+        400, "error: a generation is already running; wait until it has finished, or cancel it")
     while json.loads(request(page, "GET", f"/status/{json.loads(body)['job']}")[1])["state"] == "running":
         time.sleep(0.1)
 
@@ -195,10 +199,32 @@ def test_every_shared_attention_option_of_the_cli_is_a_field_on_the_page(page):
         assert f'name="groups" value="{group}"' in html
 
 
-def test_form_values_become_flag_tokens_that_keep_values_starting_with_a_minus(tmp_path):
-    argv = form_argv({"prompt": "-a  chair\n", "groups": ["up"], "--shared-attn-strength": "-inf",
-                      "--shared-attn-mode": ""}, sharing_fields(), tmp_path / "p.txt")
-    assert argv == ["--prompt=-a chair", "--shared-attn=up", "--compare", "--shared-attn-strength=-inf"]
+def test_form_values_keep_values_starting_with_a_minus_and_leave_empty_fields_out():
+    base = with_model_defaults(RunValues(demo=True))
+    values = form_values({"prompt": "-a  chair\n", "groups": ["up"], "--shared-attn-strength": "-inf",
+                          "--shared-attn-mode": ""}, sharing_fields(), base)
+    assert (values.prompt, values.sharing.groups, values.sharing.strength, values.compare) == ("-a chair", "up",
+                                                                                              -math.inf, True)
+    assert values.sharing.mode is None
+    assert command_flags(values) == ["--demo", "--prompt=-a chair", "--shared-attn", "up", "--compare",
+                                     "--shared-attn-strength=-inf"]
+
+
+@pytest.mark.parametrize("form", [
+    FORM,
+    {"prompt": "a red chair\na red table", "per_image": True, "--seed": "3", "groups": ["all"],
+     "--shared-attn-adain": True, "--shared-attn-reference-cache": "off", "--negative-prompt": "-blurry"},
+])
+def test_the_command_the_page_shows_gives_txt2img_the_values_of_the_form(form, tmp_path):
+    """The page's equivalent command, parsed by txt2img, is the page's own values (the prompt file aside)."""
+    base = with_model_defaults(RunValues(demo=True, device="cpu"))
+    values = form_values(form, [*basic_fields(base), *sharing_fields()], base)
+    prompt_file = tmp_path / "prompts.txt"
+    parsed = run_values(txt2img.parse_args(command_flags(values, prompt_file=str(prompt_file))))
+    if values.prompts is not None:
+        assert (parsed.prompt_file, parsed.batch_size) == (str(prompt_file), len(values.prompts))
+        parsed = replace(parsed, prompt_file=None, prompts=values.prompts, prompt=values.prompt)
+    assert replace(parsed, outdir=None, limits=values.limits) == values
 
 
 def test_server_listens_on_loopback_and_refuses_other_host_names(page):

@@ -273,7 +273,7 @@ def test_shared_attn_help_lists_groups_and_layers_without_a_checkpoint(capsys):
                                           ("eval_reference", ["--outdir", "unused"])])
 def test_demo_defaults_are_the_v2_model_at_the_one_demo_guidance_scale(script, argv):
     """--demo (and eval_reference's default model) is the demo model v2, at DEMO_SCALE in every script."""
-    from ldm.cli import resolve_path
+    from ldm.generation.builder import resolve_path
     from ldm.generation.model import DEMO_CKPT, DEMO_CONFIG, DEMO_SCALE
     opt = load_script(script).parse_args(argv)
     assert resolve_path(opt.config).resolve() == DEMO_CONFIG and resolve_path(opt.ckpt).resolve() == DEMO_CKPT

@@ -33,6 +33,9 @@ def render_field(field: FormField) -> str:
     attrs = f'id="{ident}" data-flag="{escape(field.flag)}"'
     if field.kind == "checkbox":
         control = f'<input type="checkbox" {attrs}>'
+    elif field.kind == "reference":
+        control = (f'<input type="file" {attrs} accept="image/png,image/jpeg" multiple>'
+                   '<span class="chosen" id="references-chosen"></span>')
     elif field.kind == "select":
         options = "".join(f'<option value="{escape(c)}"{" selected" if c == field.value else ""}>{escape(c)}</option>'
                           for c in field.choices)
@@ -67,6 +70,7 @@ this machine only.</p></header>
 <div class="fields">{basic}</div></section>
 <section><h2>Shared self-attention</h2>{render_groups(app.groups)}<div class="fields">{sharing}</div></section>
 <div class="run"><button type="submit" id="generate">Generate</button>
+<button type="button" id="cancel" hidden>Cancel</button>
 <progress id="progress" value="0" max="1"></progress> <span id="progress-text"></span></div>
 <p id="error" role="alert" hidden></p></form>
 <section id="result" hidden><h2>Without and with sharing</h2><table id="grid"></table>

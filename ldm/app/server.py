@@ -1,167 +1,39 @@
 """The page's HTTP server: one model loaded once, one generation at a time, on 127.0.0.1 only.
 
 Routes: GET / (the page), POST /generate (a form as JSON -> {"job": id}, or {"error": line} for a bad
-value), GET /status/<id> (progress, then the result or the error line), GET /files/<path> (the PNGs
-and text files of the output folder: the page's images and its downloads).
+value), POST /cancel/<id> (stop that generation), GET /status/<id> (progress, then the result or the
+error line), GET /files/<path> (the PNGs and text files of the output folder: the page's images and
+its downloads). The generations themselves are `ldm.app.runs.App`'s.
 
-A submitted form is checked exactly as txt2img checks its flags: the form becomes a txt2img command
-line (`ldm.app.form`), parsed by txt2img's own `parse_args` and checked by `prepare_generation`, and
-its errors are the CLI's one line. The checked request is generated with `ldm.generation.generate`
-and saved with `save_result`, so every image is the CLI's image, with the CLI's PNG metadata. A bad
-run writes nothing: the run's folder (`outdir/run-NNNN`) is made only after the generation succeeded,
-and holds the images, the grid, the equivalent txt2img command and, for per-image prompts, the prompt
-file that command reads.
-
-Requests whose Host is not this server's own address are refused, so a web page elsewhere cannot
-reach the server through a name that resolves to 127.0.0.1.
+Every request is untrusted and parsed defensively: its Host must be this server's own address (a page
+elsewhere cannot reach the server through a name that resolves to 127.0.0.1); a POST must carry the
+page's own Origin and a JSON body of a stated length of at most MAX_BODY_BYTES, read completely within
+READ_TIMEOUT seconds and valid UTF-8 JSON. Anything else is a 4xx answer with one error line; the
+connection is answered, never dropped, and the server stays up.
 """
 from __future__ import annotations
 
-import argparse
-import contextlib
-import io
 import json
-import shlex
-import tempfile
-import threading
 import traceback
-import uuid
-from dataclasses import dataclass, field
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
-from pathlib import Path
-from typing import Any, Callable, Optional, Sequence
-from urllib.parse import quote, unquote, urlsplit
+from typing import Any, Optional
+from urllib.parse import urlsplit
 
-from ldm.app.form import basic_fields, form_argv, per_image_prompts, sharing_fields
-from ldm.app.page import render_page
-from ldm.cli import GENERATION_FLAGS, USER_ERRORS, PreparedRun, UsageError, error_line, prepare_generation
-from ldm.generation import GenerationResult, LoadedModel, Progress, generate, new_numbered_folder, save_result
-from ldm.sharing import valid_group_names
+from ldm.app.runs import PAGE_FLAGS, PAGE_LIMITS, SERVED_SUFFIXES, App  # noqa: F401 - App, PAGE_LIMITS: the API
+from ldm.app.uploads import MAX_UPLOAD_BYTES
+from ldm.cli import USER_ERRORS, error_line
 
 HOST = "127.0.0.1"
-SERVED_SUFFIXES = {".png": "image/png", ".txt": "text/plain; charset=utf-8"}
-ParseArgs = Callable[[Sequence[str]], argparse.Namespace]
+MAX_BODY_BYTES = 4 * MAX_UPLOAD_BYTES  # a form with a few uploaded references, base64-encoded
+READ_TIMEOUT = 30  # seconds a client may take to send its request
 
 
-@dataclass
-class Job:
-    """One generation: checked before it starts, then run in a thread that updates it."""
+class BadRequest(Exception):
+    """A request the server answers with `status` and one error line."""
 
-    id: str
-    run: PreparedRun
-    command: list[str]  # the equivalent txt2img flags, with the run folder's paths filled in later
-    prompts: Optional[list[str]]
-    state: str = "running"  # "running", "done" or "error"
-    done: int = 0
-    total: int = 0
-    error: str = ""
-    result: dict[str, Any] = field(default_factory=dict)
-
-    def report(self, progress: Progress) -> None:
-        self.done = progress.batch * progress.steps + progress.step
-        self.total = progress.batches * progress.steps
-
-    def status(self) -> dict[str, Any]:
-        return {"state": self.state, "done": self.done, "total": self.total, "error": self.error,
-                "result": self.result}
-
-
-class App:
-    """What the page needs: the model, txt2img's flag parser, the model's flags and the output folder."""
-
-    def __init__(self, model: LoadedModel, parse_args: ParseArgs, model_argv: Sequence[str], outdir: Path):
-        self.model, self.parse_args, self.model_argv = model, parse_args, list(model_argv)
-        self.outdir = Path(outdir)
-        defaults = self._parse([])  # txt2img's defaults for this model fill the form
-        self.basic, self.sharing = basic_fields(defaults), sharing_fields()
-        self.groups = valid_group_names(model.unet)
-        self.page = render_page(self).encode()
-        self.jobs: dict[str, Job] = {}
-        self._busy = threading.Lock()
-
-    def _parse(self, form_flags: list[str]) -> argparse.Namespace:
-        """txt2img's parse_args on the model's flags and the form's; its one-line error as a UsageError."""
-        stderr = io.StringIO()
-        try:
-            with contextlib.redirect_stderr(stderr):
-                return self.parse_args([*self.model_argv, *form_flags, f"--outdir={self.outdir}"])
-        except SystemExit:
-            message = stderr.getvalue().strip().splitlines()[-1:] or ["the values were refused"]
-            raise UsageError(message[0].removeprefix("error: ").removesuffix(" (see --help)")) from None
-
-    def submit(self, values: dict[str, Any]) -> Job:
-        """Check a submitted form as txt2img would and start generating it; raises a user error."""
-        if not self._busy.acquire(blocking=False):
-            raise UsageError("a generation is already running; wait until it has finished")
-        try:
-            job = self._prepare(values)
-        except BaseException:
-            self._busy.release()
-            raise
-        self.jobs[job.id] = job
-        threading.Thread(target=self._run, args=(job,), daemon=True).start()
-        return job
-
-    def _prepare(self, values: dict[str, Any]) -> Job:
-        fields = [*self.basic, *self.sharing]
-        prompts = per_image_prompts(values)
-        with tempfile.TemporaryDirectory() as folder:
-            prompt_file = Path(folder) / "prompts.txt"
-            if prompts is not None:
-                prompt_file.write_text("\n".join(prompts) + "\n", encoding="utf-8")
-            run = prepare_generation(self._parse(form_argv(values, fields, prompt_file)))
-        command = form_argv(values, fields, Path("RUN_FOLDER") / "prompts.txt")
-        return Job(uuid.uuid4().hex, run, command, prompts)
-
-    def _run(self, job: Job) -> None:
-        try:
-            result = generate(self.model, job.run.request, progress=job.report)
-            folder = new_numbered_folder(self.outdir, "run-")
-            written = save_result(result, folder)
-            command = self.command(job, folder)
-            (folder / "command.txt").write_text(command + "\n", encoding="utf-8")
-            if job.prompts is not None:
-                (folder / "prompts.txt").write_text("\n".join(job.prompts) + "\n", encoding="utf-8")
-            job.result = self._describe(result, written, command)
-            job.state = "done"
-        except USER_ERRORS as error:
-            job.error, job.state = error_line(error, GENERATION_FLAGS), "error"
-        except Exception as error:  # noqa: BLE001 - the page gets one line, the console the traceback
-            traceback.print_exc()
-            job.error, job.state = f"error: the generation failed ({type(error).__name__}: {error})", "error"
-        finally:
-            self._busy.release()
-
-    def command(self, job: Job, folder: Path) -> str:
-        """The txt2img command that makes the same images into `folder`."""
-        tokens: list[str] = []
-        for token in [*self.model_argv, *job.command, f"--outdir={folder}"]:
-            token = token.replace("RUN_FOLDER", str(folder))
-            flag, _, value = token.partition("=")
-            # "--flag value" reads better; "--flag=value" stays for values that look like flags
-            tokens += [flag, value] if value and not value.startswith("-") else [token]
-        return "python scripts/txt2img.py " + shlex.join(tokens)
-
-    def _describe(self, result: GenerationResult, written: list[Path], command: str) -> dict[str, Any]:
-        """The result as the page shows it: rows of images with their files, the grid, the settings."""
-        paths = iter(written)  # save_result's order: every sample in order, then the grid
-        rows = [{"label": batch.row_label,
-                 "images": [{"url": self.url(next(paths)), "prompt": s.metadata["prompt"], "seed": s.metadata["seed"]}
-                            for s in batch.images]}
-                for batch in result.batches]
-        return {"rows": rows, "grid": self.url(next(paths)), "command": command,
-                "settings": json.dumps(result.metadata, indent=1, sort_keys=True)}
-
-    def url(self, path: Path) -> str:
-        return "/files/" + quote(path.relative_to(self.outdir).as_posix())
-
-    def file(self, url_path: str) -> Optional[Path]:
-        """The output file a /files/ path names, or None outside the output folder or of another kind."""
-        root = self.outdir.resolve()
-        path = (root / unquote(url_path)).resolve()
-        if path.is_relative_to(root) and path.is_file() and path.suffix in SERVED_SUFFIXES:
-            return path
-        return None
+    def __init__(self, status: int, message: str):
+        super().__init__(message)
+        self.status = status
 
 
 class PageServer(ThreadingHTTPServer):
@@ -175,9 +47,15 @@ class PageServer(ThreadingHTTPServer):
     def url(self) -> str:
         return f"http://{HOST}:{self.server_address[1]}/"
 
+    @property
+    def own_hosts(self) -> tuple[str, ...]:
+        port = self.server_address[1]
+        return f"{HOST}:{port}", f"localhost:{port}"
+
 
 class Handler(BaseHTTPRequestHandler):
     server: PageServer
+    timeout = READ_TIMEOUT
 
     def do_GET(self) -> None:  # noqa: N802 - http.server's name
         if not self._own_host():
@@ -190,29 +68,60 @@ class Handler(BaseHTTPRequestHandler):
         elif path.startswith("/files/") and (file := app.file(path[len("/files/"):])) is not None:
             self._send(200, SERVED_SUFFIXES[file.suffix], file.read_bytes())
         else:
-            self._json(404, {"error": f"error: nothing at {path}"})
+            self._json(404, {"error": "error: nothing here"})
 
     def do_POST(self) -> None:  # noqa: N802
         if not self._own_host():
             return
-        if urlsplit(self.path).path != "/generate" or self.headers.get("Content-Type") != "application/json":
-            self._json(404, {"error": "error: POST a JSON form to /generate"})
-            return
         try:
-            values = json.loads(self.rfile.read(int(self.headers.get("Content-Length") or 0)))
-            if not isinstance(values, dict):
-                raise UsageError("the form must be a JSON object")
-            job = self.server.app.submit(values)
-        except json.JSONDecodeError as error:
-            self._json(400, {"error": f"error: the form is not JSON ({error})"})
+            self._check_origin()
+            path = urlsplit(self.path).path
+            if path == "/generate":
+                self._json(200, {"job": self.server.app.submit(self._form()).id})
+            elif path.startswith("/cancel/"):
+                self._form()  # read, so the connection stays in step
+                if not self.server.app.cancel(path[len("/cancel/"):]):
+                    raise BadRequest(404, "error: no such generation is running")
+                self._json(200, {"cancelled": True})
+            else:
+                raise BadRequest(404, "error: POST a JSON form to /generate")
+        except BadRequest as error:
+            self._json(error.status, {"error": str(error)})
         except USER_ERRORS as error:
-            self._json(400, {"error": error_line(error, GENERATION_FLAGS)})
-        else:
-            self._json(200, {"job": job.id})
+            self._json(400, {"error": error_line(error, PAGE_FLAGS)})
+        except Exception as error:  # noqa: BLE001 - a bug: the console gets the traceback, the page one line
+            traceback.print_exc()
+            self._json(500, {"error": f"error: the server failed ({type(error).__name__}: {error})"})
+
+    def _check_origin(self) -> None:
+        """A state-changing request must come from the page itself (browsers send Origin with every POST)."""
+        if self.headers.get("Origin") not in [f"http://{host}" for host in self.server.own_hosts]:
+            raise BadRequest(403, "error: requests must come from the page at " + self.server.url)
+
+    def _form(self) -> dict[str, Any]:
+        """The request's body: a JSON object of a stated, bounded length, read completely."""
+        if self.headers.get("Content-Type") != "application/json":
+            raise BadRequest(415, "error: send the form as application/json")
+        length = _content_length(self.headers.get("Content-Length"))
+        try:
+            body = self.rfile.read(length)
+        except (TimeoutError, OSError):
+            raise BadRequest(408, f"error: the request's body did not arrive within {READ_TIMEOUT} s") from None
+        if len(body) != length:
+            raise BadRequest(400, f"error: the body has {len(body)} bytes, not the {length} its Content-Length says")
+        try:
+            values = json.loads(body.decode("utf-8"))
+        except UnicodeDecodeError as error:
+            raise BadRequest(400, f"error: the form is not UTF-8 ({error.reason} at byte {error.start})") from None
+        except (ValueError, RecursionError) as error:
+            raise BadRequest(400, f"error: the form is not JSON ({str(error)[:200] or type(error).__name__})") \
+                from None
+        if not isinstance(values, dict):
+            raise BadRequest(400, "error: the form must be a JSON object")
+        return values
 
     def _own_host(self) -> bool:
-        port = self.server.server_address[1]
-        if self.headers.get("Host") in (f"{HOST}:{port}", f"localhost:{port}"):
+        if self.headers.get("Host") in self.server.own_hosts:
             return True
         self._json(403, {"error": "error: open the page at " + self.server.url})
         return False
@@ -230,6 +139,18 @@ class Handler(BaseHTTPRequestHandler):
 
     def log_message(self, format: str, *args: Any) -> None:  # noqa: A002 - quiet: the console shows errors only
         pass
+
+
+def _content_length(header: Optional[str]) -> int:
+    """A Content-Length header as a number of bytes from 0 to MAX_BODY_BYTES; BadRequest otherwise."""
+    if header is None:
+        raise BadRequest(411, "error: the request has no Content-Length")
+    if not header.strip().isdigit() or len(header.strip()) > 20:
+        raise BadRequest(400, f"error: Content-Length {header[:40]!r} is not a number of bytes")
+    length = int(header)
+    if length > MAX_BODY_BYTES:
+        raise BadRequest(413, f"error: the form is larger than {MAX_BODY_BYTES // 2 ** 20} MiB")
+    return length
 
 
 def serve(app: App, port: int = 0) -> PageServer:

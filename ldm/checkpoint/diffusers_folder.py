@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 from dataclasses import dataclass
 from functools import partial
@@ -37,6 +38,7 @@ COMPONENT_FILES = {"UNet": ("unet", "diffusion_pytorch_model"), "VAE": ("vae", "
                    "text encoder": ("text_encoder", "model")}
 BIN_STEMS = {"diffusion_pytorch_model": "diffusion_pytorch_model", "model": "pytorch_model"}
 SD_V1_SCALE_FACTOR = 0.18215
+MAX_JSON_BYTES = 16 * 2 ** 20  # a pipeline's config.json files are a few KiB, a shard index a few hundred
 
 
 @dataclass(frozen=True)
@@ -71,8 +73,10 @@ def inspect_diffusers_folder(path: str | os.PathLike) -> DiffusersFolder:
         files[component] = _weight_files(root / folder, stem, component)
         config_file = root / folder / "config.json"
         configs[component] = _read_json(config_file, root) if config_file.is_file() else {}
-    scale = configs["VAE"].get("scaling_factor", SD_V1_SCALE_FACTOR)
-    if abs(float(scale) - SD_V1_SCALE_FACTOR) > 1e-6:
+    for key in ("layers_per_block", "in_channels"):  # what loading and peek read of the UNet's config
+        config_number(configs, "UNet", key, 0, root, whole=True)
+    scale = config_number(configs, "VAE", "scaling_factor", SD_V1_SCALE_FACTOR, root)
+    if abs(scale - SD_V1_SCALE_FACTOR) > 1e-6:
         raise CheckpointMismatchError(
             f"{root}: its VAE has scaling_factor {scale}, SD v1's is {SD_V1_SCALE_FACTOR}; the folder is not an "
             "SD v1 pipeline (SDXL's VAE, say), so it was not loaded")
@@ -80,14 +84,30 @@ def inspect_diffusers_folder(path: str | os.PathLike) -> DiffusersFolder:
 
 
 def _read_json(file: Path, root: Path) -> dict[str, Any]:
+    """A JSON object from a regular file of at most MAX_JSON_BYTES."""
+    from ldm.files import read_text
     try:
-        value = json.loads(file.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as error:
-        raise CheckpointReadError(f"{root}: cannot read {file.name} ({type(error).__name__}: {error}); the folder "
+        value = json.loads(read_text(file, "JSON file", "a diffusers pipeline folder", MAX_JSON_BYTES))
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as error:
+        reason = str(error).replace(str(file), file.name)[:200] or type(error).__name__
+        raise CheckpointReadError(f"{root}: cannot read {file.name} ({type(error).__name__}: {reason}); the folder "
                                   "is incomplete or damaged: download or save it again") from None
     if not isinstance(value, dict):
         raise CheckpointReadError(f"{root}: {file.name} holds no JSON object; save the pipeline again")
     return value
+
+
+def config_number(configs: dict[str, dict[str, Any]], component: str, key: str, default: Any, root: Path,
+                  whole: bool = False) -> Any:
+    """A component config's number (`whole`: a whole number), or `default` when absent; a value of
+    another type (a string, null, a list) is refused naming the file and the key."""
+    value = configs[component].get(key, default)
+    kinds = (int,) if whole else (int, float)
+    if isinstance(value, bool) or not isinstance(value, kinds) or (not whole and not math.isfinite(value)):
+        raise CheckpointReadError(f"{root}: {COMPONENT_FILES[component][0]}/config.json has {key} = "
+                                  f"{json.dumps(value)[:80]}, where a {'whole ' if whole else ''}number goes; the "
+                                  "folder is damaged: download or save it again")
+    return value if whole else float(value)
 
 
 def _weight_files(folder: Path, stem: str, component: str) -> tuple[Path, ...]:
@@ -98,8 +118,13 @@ def _weight_files(folder: Path, stem: str, component: str) -> tuple[Path, ...]:
             return (folder / name,)
         index = folder / f"{name}.index.json"
         if index.is_file():
-            shards = sorted(set(_read_json(index, folder.parent).get("weight_map", {}).values()))
-            absent = [shard for shard in shards if not (folder / shard).is_file()]
+            weight_map = _read_json(index, folder.parent).get("weight_map", {})
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
+                raise CheckpointReadError(f"{folder}: {index.name} has no weight_map of tensor names to shard "
+                                          "files; download the folder again")
+            shards = sorted(set(weight_map.values()))
+            # a shard is a file of this folder, named without any path (no '../', no '/')
+            absent = [shard for shard in shards if Path(shard).name != shard or not (folder / shard).is_file()]
             if not shards or absent:
                 raise CheckpointReadError(f"{folder}: {index.name} names shards that are missing "
                                           f"({', '.join(absent) or 'none listed'}); download the folder again")
@@ -116,7 +141,7 @@ def load_diffusers_state_dict(path: str | os.PathLike,
     from ldm.checkpoint.files import load_state_dict_file
 
     folder = inspect_diffusers_folder(path)
-    layers = int(folder.configs["UNet"].get("layers_per_block", 2))
+    layers = config_number(folder.configs, "UNet", "layers_per_block", 2, folder.path, whole=True)
     mappers = {"text encoder": text_encoder_key}
     state_dict: dict[str, torch.Tensor] = {}
     raw: dict[str, dict[str, torch.Tensor]] = {}

@@ -22,12 +22,14 @@ from __future__ import annotations
 
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from typing import Any, Mapping, Optional
 
 import torch
 
 from ldm.checkpoint.errors import CheckpointError, CheckpointReadError
+from ldm.files import file_kind, open_regular_file
 from ldm.checkpoint.safe_pickle import (call_refusing_unsafe, describe_torch_error, find_unsafe_globals,
                                        unsafe_checkpoint_error)
 
@@ -50,7 +52,7 @@ class LoadedCheckpoint:
     @property
     def global_step(self) -> Optional[int]:
         step = self.metadata.get("global_step")
-        return None if step is None else int(step)
+        return step if isinstance(step, int) and not isinstance(step, bool) else None
 
 
 def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu") -> LoadedCheckpoint:
@@ -73,8 +75,8 @@ def load_checkpoint(path: str | os.PathLike, device: str | torch.device = "cpu")
 def checkpoint_format(path: str | os.PathLike) -> str:
     """'safetensors', 'torch-zip' or 'torch-legacy', from the file's first bytes; anything else is refused."""
     path = _checked_path(path)
-    size = os.path.getsize(path)
-    with open(path, "rb") as handle:
+    with open_regular_file(path, "checkpoint", "the .ckpt or .safetensors file itself") as handle:
+        size = os.fstat(handle.fileno()).st_size
         head = handle.read(9)
     header_length = int.from_bytes(head[:8], "little") if len(head) == 9 else 0
     if 2 <= header_length <= size - 8 and head[8:9] == b"{":
@@ -131,6 +133,10 @@ def _checked_path(path: str | os.PathLike) -> str:
             f"checkpoint {path} does not exist; check the path (SD v1 weights are e.g. "
             "models/ldm/stable-diffusion-v1/model.ckpt, downloaded by you, never by this code)"
         )
+    mode = os.stat(path).st_mode
+    if not stat.S_ISREG(mode):  # a FIFO would block the first read, a device never end
+        raise CheckpointReadError(f"checkpoint {path} is {file_kind(mode)}, not a file; give the .ckpt or "
+                                  ".safetensors file itself")
     return path
 
 

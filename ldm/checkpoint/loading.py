@@ -32,7 +32,8 @@ from ldm.checkpoint.errors import CheckpointMismatchError
 from ldm.checkpoint.files import load_checkpoint
 from ldm.checkpoint.keys import (COMPONENT_PREFIXES, DIFFUSION_WRAPPER_PREFIX, EMA_BOOKKEEPING, EMA_PREFIX,
                                  component_of, ema_weights_for, remap_checkpoint_keys, summarize_keys)
-from ldm.util import instantiate_from_config
+from ldm.errors import ConfigError
+from ldm.util import instantiate_from_config, load_config_file
 
 
 @dataclass
@@ -114,18 +115,28 @@ def load_model_from_config(config: Any, ckpt: str | os.PathLike, *, use_ema: boo
     if verbose and checkpoint.global_step is not None:
         print(f"Global step: {checkpoint.global_step}")
     with parameters_on_meta():
-        model = instantiate_from_config(config["model"])
+        model = build_from_config(config["model"])
     load_state_dict_into(model, checkpoint.state_dict, use_ema=use_ema, source=checkpoint.path, verbose=verbose)
     if torch.device(device).type != "cpu":
         model.to(device)  # the buffers the model computed itself were made on the CPU
     return model.eval()
 
 
+def build_from_config(config: Mapping[str, Any]) -> nn.Module:
+    """The config's model (`instantiate_from_config`); a constructor refusing its params is a ConfigError."""
+    try:
+        return instantiate_from_config(config)
+    except ConfigError:
+        raise
+    except (TypeError, ValueError, KeyError, AttributeError, RuntimeError, OverflowError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
+        raise ConfigError(f"the config cannot build its model ({type(error).__name__}: {first_line}); give the "
+                          "config that belongs to the checkpoint") from None
+
+
 def _as_config(config: Any) -> Mapping[str, Any]:
     if isinstance(config, (str, os.PathLike)):
-        from omegaconf import OmegaConf
-
-        config = OmegaConf.load(config)
+        config = load_config_file(config)
     if not isinstance(config, Mapping) or "model" not in config:
         raise ValueError("config must have a 'model' entry with 'target' and 'params' (see configs/stable-diffusion)")
     return config

@@ -26,7 +26,6 @@ from __future__ import annotations
 import json
 from dataclasses import dataclass
 from itertools import chain
-from pathlib import Path
 from typing import Any, Callable, Optional
 
 import torch
@@ -37,7 +36,7 @@ from ldm.generation.model import LoadedModel, precision_scope, precision_used
 from ldm.generation.request import Batch, GenerationRequest
 from ldm.generation.sampling import (decode_latents, encode_init_image, generate_latents, img2img_latents,
                                      make_sampler)
-from ldm.generation.reference import (check_references, read_reference, record_reference_anchors,
+from ldm.generation.reference import (Reference, check_references, read_reference, record_reference_anchors,
                                        values_to_match)
 from ldm.sharing import SharedAttentionSettings
 from ldm.sharing.reference import RecordedAnchors
@@ -155,7 +154,7 @@ def run_metadata(model: LoadedModel, request: GenerationRequest, height: int, wi
         **model.source, "shared_attention": r.sharing.as_metadata() if r.sharing else None,
     }
     if r.references:
-        values.update(references=[Path(path).name for path in r.references], reference_prompt=r.reference_prompt)
+        values.update(references=r.reference_names, reference_prompt=r.reference_prompt)
     if r.img2img:
         values.update(strength=r.strength, encode_steps=r.denoising_steps, init_image=r.init_image_name)
     if r.inpainting:
@@ -184,7 +183,7 @@ def _reference_anchors(model: LoadedModel, request: GenerationRequest, run: dict
     """The references' anchors, recorded once; with `compare` their images become the first row."""
     if not request.references:
         return None
-    references = [read_reference(path) for path in request.references]
+    references = [r if isinstance(r, Reference) else read_reference(r) for r in request.references]
     check_references(references, values_to_match(request, model.geometry), model.source.get("ckpt_fingerprint"),
                      request.sharing.subject, request.reference_prompt)
     height, width = request.size_for(model.geometry)

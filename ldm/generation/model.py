@@ -27,7 +27,7 @@ from typing import Any, Mapping
 import torch
 import torch.nn as nn
 
-from ldm.errors import InvalidValue
+from ldm.errors import ConfigError, InvalidValue  # ConfigError: imported from here too
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 # The demo model is v2 (scenes of ldm/data/world.py: furniture and faces in rooms, configs/demo/v2/);
@@ -42,10 +42,12 @@ DEMO_V1_CKPT = REPO_ROOT / "models" / "demo" / "demo.safetensors"
 # (3 or 5, "How the demo model v2 is judged"); v1's was 3.
 DEMO_SCALE = 5.0
 UNET_DEFAULT_CHANNEL_MULT = (1, 2, 4, 8)  # UNetModel's default, for configs that leave it out
-
-
-class ConfigError(ValueError):
-    """A config file that does not describe a model this project can build: bad YAML or missing entries."""
+# Bounds on a config's sizes, far above any SD v1 model's (timesteps 1000, image_size 64, embed_dim 4,
+# 4 levels), so that an absurd config is refused before anything is allocated from it.
+MAX_TIMESTEPS = 100_000
+MAX_LATENT_SIDE = 4096
+MAX_LATENT_CHANNELS = 256
+MAX_LEVELS = 12
 
 
 @dataclass(frozen=True)
@@ -101,36 +103,47 @@ class ModelSpec:
 
 
 def read_model_spec(config_path: str | os.PathLike) -> ModelSpec:
-    """Load and check a model config; raises FileNotFoundError, IsADirectoryError or ConfigError."""
-    import yaml
-    from omegaconf import OmegaConf
+    """Load and check a model config (read safely: `ldm.util.load_config_file`); raises FileNotFoundError,
+    IsADirectoryError, ldm.files.NotARegularFile / FileTooLarge or ConfigError."""
     from omegaconf.errors import OmegaConfBaseException
 
+    from ldm.util import CONFIG_HINT, check_targets, load_config_file
     path = Path(config_path)
-    hint = "give the model's YAML file, e.g. configs/stable-diffusion/v1-inference.yaml"
-    if path.is_dir():
-        raise IsADirectoryError(f"config {path} is a folder; {hint}")
-    if not path.exists():
-        raise FileNotFoundError(f"config {path} does not exist; {hint}")
+    config = load_config_file(path)
     try:
-        config = OmegaConf.load(path)
-    except (yaml.YAMLError, UnicodeDecodeError, OmegaConfBaseException) as error:
-        first_line = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
-        raise ConfigError(f"config {path} is not valid YAML ({first_line}); {hint}") from None
+        check_targets(config)  # every target of the file allowed, before any is built
+    except ConfigError as error:
+        raise ConfigError(f"config {path}: {error}") from None
     try:
         params = config.model.params
         first_stage = params.first_stage_config.params
         unet_params = params.unet_config.params
         geometry = LatentGeometry(
-            channels=int(first_stage.embed_dim), factor=2 ** (len(first_stage.ddconfig.ch_mult) - 1),
-            unet_halvings=len(unet_params.get("channel_mult", UNET_DEFAULT_CHANNEL_MULT)) - 1,
-            native_latent_size=int(params.image_size))
-        num_timesteps = int(params.get("timesteps", 1000))
+            channels=_bounded(first_stage.embed_dim, "first_stage_config embed_dim", MAX_LATENT_CHANNELS),
+            factor=2 ** (_bounded(len(first_stage.ddconfig.ch_mult), "first_stage_config ch_mult's length",
+                                  MAX_LEVELS) - 1),
+            unet_halvings=_bounded(len(unet_params.get("channel_mult", UNET_DEFAULT_CHANNEL_MULT)),
+                                   "unet_config channel_mult's length", MAX_LEVELS) - 1,
+            native_latent_size=_bounded(params.image_size, "image_size", MAX_LATENT_SIDE))
+        num_timesteps = _bounded(params.get("timesteps", 1000), "timesteps", MAX_TIMESTEPS)
     except (AttributeError, KeyError, TypeError, ValueError, OmegaConfBaseException) as error:
         raise ConfigError(f"config {path} does not describe a latent diffusion model ({type(error).__name__}: "
                           f"{str(error).splitlines()[0]}); it needs model.params with unet_config and "
                           f"first_stage_config as in configs/stable-diffusion/v1-inference.yaml") from None
+    except _OutOfBounds as error:
+        raise ConfigError(f"config {path}: {error}; give {CONFIG_HINT}") from None
     return ModelSpec(path, config, geometry, _unet_without_weights(path, params.unet_config), num_timesteps)
+
+
+class _OutOfBounds(Exception):
+    pass
+
+
+def _bounded(value: Any, where: str, maximum: int) -> int:
+    """`value` as a whole number from 1 to `maximum` (a config's size entry); _OutOfBounds otherwise."""
+    if isinstance(value, bool) or not isinstance(value, int) or not 1 <= value <= maximum:
+        raise _OutOfBounds(f"{where} is {str(value)[:40]}, where a whole number from 1 to {maximum} goes")
+    return value
 
 
 def _unet_without_weights(path: Path, unet_config: Mapping[str, Any]) -> nn.Module:
@@ -139,9 +152,12 @@ def _unet_without_weights(path: Path, unet_config: Mapping[str, Any]) -> nn.Modu
     try:
         with torch.device("meta"):
             return instantiate_from_config(unet_config)
-    except (ImportError, AttributeError, KeyError, TypeError, ValueError) as error:
+    except ConfigError as error:
+        raise ConfigError(f"config {path}: {error}") from None
+    except (ImportError, AttributeError, KeyError, TypeError, ValueError, RuntimeError, OverflowError) as error:
+        first_line = (str(error).strip().splitlines() or [""])[0][:200]
         raise ConfigError(f"config {path}: cannot build its UNet from model.params.unet_config "
-                          f"({type(error).__name__}: {error})") from None
+                          f"({type(error).__name__}: {first_line})") from None
 
 
 @dataclass(frozen=True)
@@ -195,8 +211,11 @@ def load_model(config: str | os.PathLike | ModelSpec, ckpt: str | os.PathLike, *
     import ldm.checkpoint  # looked up at call time: heavy, and tests may stand in their own loader
     spec = config if isinstance(config, ModelSpec) else read_model_spec(config)
     device = choose_device(device) if isinstance(device, str) else device
-    module = ldm.checkpoint.load_model_from_config(spec.config, ckpt, use_ema=use_ema, device=device,
-                                                   verbose=verbose)
+    try:
+        module = ldm.checkpoint.load_model_from_config(spec.config, ckpt, use_ema=use_ema, device=device,
+                                                       verbose=verbose)
+    except ConfigError as error:
+        raise ConfigError(f"config {spec.config_path}: {error}") from None
     # Weights run in float32 (a no-op for fp32 files); precision "autocast" gives float16 on CUDA
     # (and bfloat16 on CPUs that compute it natively), see `autocast_dtype`.
     module = module.float()

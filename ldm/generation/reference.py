@@ -38,7 +38,11 @@ import torch
 from PIL import Image
 
 from ldm.errors import InvalidValue
-from ldm.generation.images import image_to_tensor, read_png_metadata, tensor_to_images
+from ldm.files import NotARegularFile
+from ldm.generation.images import (UnreadableImage, image_to_tensor, metadata_of, read_image_file, tensor_to_images,
+                                   to_rgb)
+from ldm.generation.limits import Limits
+from ldm.generation.reference_metadata import check_reference_metadata
 from ldm.generation.sampling import conditionings, decode_latents, encode_init_image, generate_latents, make_sampler
 from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddim_inversion import invert
@@ -75,28 +79,35 @@ class Reference:
         return (tuple(m["batch_prompts"]), tuple(m["batch_seeds"]), repr(m.get("shared_attention")))
 
 
-def read_reference(path: str | os.PathLike) -> Reference:
+def read_reference(path: str | os.PathLike, limits: Limits = Limits()) -> Reference:
     """Open a reference image. A PNG with this project's metadata is a generated reference; an image
-    without any is a picture (inverted); a missing file or partial metadata is an InvalidValue."""
+    without any is a picture (inverted). Anything else is an InvalidValue naming the file: a path that
+    is no regular file, an image that cannot be read, metadata that is partial, of the wrong types, out
+    of `limits` or not describing the pixels (`check_reference_metadata`)."""
     path = Path(path)
-    if not path.is_file():
-        raise InvalidValue("references", str(path), "no such file; give a PNG this project generated or a picture")
+    hint = "a PNG this project generated or a picture"
     try:
-        metadata = read_png_metadata(path) if path.suffix.lower() == ".png" else {}
-        with Image.open(path) as opened:
-            image = opened.convert("RGB")
-    except (OSError, ValueError) as error:
-        raise InvalidValue("references", str(path), f"cannot be read as an image ({error})") from None
+        opened = read_image_file(path, "reference", hint)
+        metadata = metadata_of(opened)  # PNG text chunks; other formats have none
+        image = to_rgb(opened)
+    except FileNotFoundError:
+        raise InvalidValue("references", str(path), f"no such file; give {hint}") from None
+    except IsADirectoryError:
+        raise InvalidValue("references", str(path), f"is a folder; give {hint}") from None
+    except (NotARegularFile, UnreadableImage) as error:
+        reason = str(error).removeprefix(f"reference {path} ").split("; give ")[0]
+        raise InvalidValue("references", str(path), f"{reason}; give {hint}") from None
     if not metadata:
         return Reference(path, image, None)
     missing = [key for key in NEEDED if key not in metadata]
     if missing:
         raise InvalidValue("references", str(path), f"its metadata lacks {', '.join(missing)}, so its batch cannot "
                                                     "be made again; give a PNG this project wrote")
+    check_reference_metadata(metadata, path, image, limits)
     if metadata.get("references"):
         raise InvalidValue("references", str(path), "was itself made beside a reference, so its batch alone does not "
                                                     f"make it again; give the original reference "
-                                                    f"({', '.join(metadata['references'])})")
+                                                    f"({', '.join(metadata['references'])[:200]})")
     return Reference(path, image, metadata)
 
 

@@ -15,21 +15,24 @@ from __future__ import annotations
 import math
 import os
 import numbers
-from dataclasses import dataclass, field
-from typing import Any, Optional, Protocol, Union
+from dataclasses import dataclass, field, replace
+from pathlib import Path
+from typing import Any, Optional, Protocol, Sequence, Union
 
 import torch.nn as nn
 from PIL import Image
 
-from ldm.errors import InvalidValue
+from ldm.errors import InvalidValue, SettingsError
+from ldm.generation.images import UnreadableImage, to_rgb
+from ldm.generation.limits import MAX_SEED
 from ldm.generation.model import LatentGeometry
+from ldm.generation.reference import Reference
 from ldm.generation.sampling import batches, encode_steps
 from ldm.sharing import SharedAttentionSettings, select_layers
 from ldm.sharing.masks import check_prompts_name_subject
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
 PRECISIONS = ("full", "autocast", "bfloat16")
-MAX_SEED = 2 ** 63 - 1  # torch seeds are 64-bit; negative ones alias large ones
 
 
 class ModelDescription(Protocol):
@@ -83,7 +86,8 @@ class GenerationRequest:
     sharing: Optional[SharedAttentionSettings] = None
     compare: bool = False
     precision: str = "autocast"
-    references: tuple[str, ...] = ()  # images that anchor every batch (ldm/generation/reference.py)
+    # Images that anchor every batch (ldm/generation/reference.py): files, or references read already.
+    references: tuple[Union[str, Reference], ...] = ()
     reference_prompt: str = ""  # what a reference picture (not a generated PNG) is inverted with
     # Record the references' keys and values once per run (True) or again for every batch (False).
     reference_cache: bool = True
@@ -91,12 +95,26 @@ class GenerationRequest:
     mask_image_name: Optional[str] = None  # recorded in the metadata
 
     def __post_init__(self) -> None:
-        if not isinstance(self.prompt, str):
+        if isinstance(self.prompt, (list, tuple)):
             object.__setattr__(self, "prompt", tuple(self.prompt))
-        if isinstance(self.references, (str, os.PathLike)):
+        if isinstance(self.references, (str, os.PathLike, Reference)):
             object.__setattr__(self, "references", (self.references,))
-        object.__setattr__(self, "references", tuple(str(path) for path in self.references))
+        if not isinstance(self.references, (list, tuple)) or \
+                not all(isinstance(r, (str, os.PathLike, Reference)) for r in self.references):
+            raise InvalidValue("references", self.references, "give a sequence of image files")
+        object.__setattr__(self, "references", tuple(r if isinstance(r, Reference) else os.fspath(r)
+                                                     for r in self.references))
+        _check_types(self)
         _check_values(self)
+
+    def with_references(self, references: Sequence[Reference]) -> "GenerationRequest":
+        """The same request with its references replaced by those files read (so they are read once)."""
+        return replace(self, references=tuple(references))
+
+    @property
+    def reference_names(self) -> list[str]:
+        """The references' file names, as the metadata records them."""
+        return [r.path.name if isinstance(r, Reference) else Path(r).name for r in self.references]
 
     # ---- the plan of the run ----------------------------------------------------------------------
     @property
@@ -172,11 +190,52 @@ class GenerationRequest:
                 raise InvalidValue("sharing.groups", ",".join(self.sharing.groups), str(error)) from None
 
 
+def _check_types(r: GenerationRequest) -> None:
+    """Fields of the wrong type are refused, never coerced ('no' is not a boolean); texts must be
+    writable into a PNG's metadata (no NUL, no unpaired surrogate)."""
+    if not isinstance(r.prompt, (str, tuple)) or not r.prompts or not all(isinstance(p, str) for p in r.prompts):
+        raise InvalidValue("prompt", r.prompt, "give a text, or a non-empty sequence of texts (one per image)")
+    texts = [("prompt", text) for text in r.prompts]
+    texts += [("negative_prompt", r.negative_prompt), ("reference_prompt", r.reference_prompt)]
+    for name, text in texts:
+        if not isinstance(text, str):
+            raise InvalidValue(name, text, "must be a text (empty for none)")
+        _check_text(name, text)
+    for name in ("init_image_name", "mask_image_name"):
+        if getattr(r, name) is not None and not isinstance(getattr(r, name), str):
+            raise InvalidValue(name, getattr(r, name), "must be a file name or None")
+    for name in ("fixed_code", "compare", "reference_cache"):
+        if not isinstance(getattr(r, name), bool):
+            raise InvalidValue(name, getattr(r, name), "must be True or False")
+    for name, choices in (("sampler", SAMPLERS), ("precision", PRECISIONS)):
+        if not isinstance(getattr(r, name), str) or getattr(r, name) not in choices:
+            raise InvalidValue(name, getattr(r, name), f"choose one of {', '.join(choices)}")
+    for name, transparency in (("init_image", "white"), ("mask_image", "refuse")):
+        image = getattr(r, name)
+        if image is None:
+            continue
+        if not isinstance(image, Image.Image) or image.width < 1 or image.height < 1:
+            shown = f"{image.width}x{image.height}" if isinstance(image, Image.Image) else type(image).__name__
+            raise InvalidValue(name, shown, "must be a PIL image of at least 1x1 pixels")
+        try:
+            object.__setattr__(r, name, to_rgb(image, transparency))
+        except UnreadableImage as error:
+            raise InvalidValue(name, f"{image.mode} image", str(error)) from None
+
+
+def _check_text(name: str, text: str) -> None:
+    if "\x00" in text:
+        raise InvalidValue(name, text.replace("\x00", "\\0"), "contains a NUL character; remove it")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        raise InvalidValue(name, text.encode("utf-8", "replace").decode(), "contains an unpaired surrogate, which "
+                                                                            "is no character; remove it") from None
+
+
 def _check_values(request: GenerationRequest) -> None:
     """Every check that needs no model; raises InvalidValue naming the field."""
     r = request
-    if not all(isinstance(p, str) for p in r.prompts) or not r.prompts:
-        raise InvalidValue("prompt", r.prompt, "give a text, or a non-empty sequence of texts (one per image)")
     _check_whole(r, "batch_size", 1)
     _check_whole(r, "n_iter", 1)
     _check_whole(r, "steps", 1)
@@ -184,10 +243,6 @@ def _check_values(request: GenerationRequest) -> None:
     if r.seed + r.image_count - 1 > MAX_SEED:
         raise InvalidValue("seed", r.seed, f"image seeds run from seed to seed + {r.image_count - 1}, which must "
                                            f"stay below 2**63 (torch seeds are 64-bit)")
-    if r.sampler not in SAMPLERS:
-        raise InvalidValue("sampler", r.sampler, f"unknown sampler; choose one of {', '.join(SAMPLERS)}")
-    if r.precision not in PRECISIONS:
-        raise InvalidValue("precision", r.precision, f"choose one of {', '.join(PRECISIONS)}")
     for name in ("scale", "eta", "strength"):
         if not _is_number(getattr(r, name)) or not math.isfinite(getattr(r, name)):
             raise InvalidValue(name, getattr(r, name), "must be a finite number")
@@ -211,12 +266,14 @@ def _check_values(request: GenerationRequest) -> None:
 
 def _check_references(r: GenerationRequest) -> None:
     """A reference anchors every image of the batch, in the layers and steps of the run's sharing."""
-    if r.sharing is None or r.sharing.mode != "anchor":
-        raise InvalidValue("sharing.mode", r.sharing.mode if r.sharing else None,
+    if r.sharing is None:
+        raise SettingsError("{references} is shared with in anchor mode, and this run shares nothing: add "
+                            "{sharing.groups} GROUPS (e.g. all) and {sharing.mode} anchor", "references",
+                            "sharing.groups", "sharing.mode")
+    if r.sharing.mode != "anchor":
+        raise InvalidValue("sharing.mode", r.sharing.mode,
                            "a reference anchors every image of the run: share in anchor mode (the reference "
                            "images are the anchors)")
-    if not isinstance(r.reference_cache, bool):
-        raise InvalidValue("reference_cache", r.reference_cache, "must be True (record once) or False (every batch)")
     if r.inpainting:
         raise InvalidValue("mask_image", r.mask_image_name, "references extend text-to-image and image-to-image "
                                                             "runs; an inpainting run cannot take one")
@@ -238,8 +295,6 @@ def _check_input_channels(r: GenerationRequest, model: ModelDescription) -> None
 
 
 def _check_img2img(r: GenerationRequest) -> None:
-    if not isinstance(r.init_image, Image.Image):
-        raise InvalidValue("init_image", type(r.init_image).__name__, "must be a PIL image")
     if r.inpainting:
         _check_mask(r)
     if r.sampler != "ddim" and not r.starts_from_noise:
@@ -253,8 +308,6 @@ def _check_img2img(r: GenerationRequest) -> None:
 
 
 def _check_mask(r: GenerationRequest) -> None:
-    if not isinstance(r.mask_image, Image.Image):
-        raise InvalidValue("mask_image", type(r.mask_image).__name__, "must be a PIL image")
     if r.mask_image.size != r.init_image.size:
         raise InvalidValue("mask_image", f"{r.mask_image.width}x{r.mask_image.height}",
                            f"the mask must have the init image's size, {r.init_image.width}x{r.init_image.height}")

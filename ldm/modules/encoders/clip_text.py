@@ -20,6 +20,7 @@ import torch.nn.functional as F
 from torch import nn
 
 LAYER_CHOICES = ("last", "penultimate")
+MAX_POSITIONS = 4096  # a bound for untrusted configs, far above CLIP's 77
 
 
 @dataclass
@@ -41,6 +42,9 @@ class CLIPTextConfig:
                 f"hidden_size={self.hidden_size} must be divisible by num_attention_heads="
                 f"{self.num_attention_heads}; pick sizes whose ratio is the per-head width"
             )
+        if not 1 <= self.max_position_embeddings <= MAX_POSITIONS:  # its position ids are made at construction
+            raise ValueError(f"max_position_embeddings={self.max_position_embeddings} must be between 1 and "
+                             f"{MAX_POSITIONS} (CLIP's is 77)")
         if self.hidden_act not in _ACTIVATIONS:
             raise ValueError(f"hidden_act={self.hidden_act!r} is not supported; use one of {sorted(_ACTIVATIONS)}")
 

@@ -27,12 +27,15 @@ from typing import Callable, Optional, Sequence
 
 import torch
 
+from ldm.files import read_text
+
 DEFAULT_REPO_ID = "openai/clip-vit-large-patch14"
 OPEN_CLIP_BPE_FILE = "bpe_simple_vocab_16e6.txt.gz"
 BOS_TOKEN, EOS_TOKEN = "<|startoftext|>", "<|endoftext|>"
 END_OF_WORD = "</w>"
 # CLIP keeps only the first merges of the 16e6 BPE file: 49152 symbols minus the 256 bytes and 2 specials.
 NUM_MERGES = 49152 - 256 - 2
+MAX_VOCABULARY_BYTES = 64 * 2 ** 20  # CLIP's vocab.json is 1.6 MiB
 # CLIP's word splitting keeps these English contractions as words of their own ("don't" -> "don", "'t").
 CONTRACTIONS = ("'s", "'t", "'re", "'ve", "'m", "'ll", "'d")
 
@@ -70,8 +73,9 @@ def _vocabulary_from_open_clip_file(path: Path) -> BPEVocabulary:
 
 
 def _vocabulary_from_hub_files(directory: Path) -> BPEVocabulary:
-    token_ids = json.loads((directory / "vocab.json").read_text(encoding="utf-8"))
-    lines = (directory / "merges.txt").read_text(encoding="utf-8").split("\n")
+    hint = "a CLIP tokenizer folder (vocab.json and merges.txt)"
+    token_ids = json.loads(read_text(directory / "vocab.json", "CLIP vocabulary", hint, MAX_VOCABULARY_BYTES))
+    lines = read_text(directory / "merges.txt", "CLIP merges file", hint, MAX_VOCABULARY_BYTES).split("\n")
     merges = [tuple(line.split()) for line in lines if line.strip() and not line.startswith("#version")]
     return BPEVocabulary(token_ids, {m: r for r, m in enumerate(merges)}, directory)
 
