@@ -22,10 +22,11 @@ def base_of_context_width(width: int) -> str:
     return CONTEXT_WIDTHS.get(width, f"a model with {width}-wide text features")
 
 
-def context_width(state_dict: Mapping[str, torch.Tensor]) -> Optional[int]:
-    """The text-feature width the first cross-attention of `state_dict` reads, or None if it has none."""
-    key = next((key for key in state_dict if key.endswith(CROSS_ATTENTION_KEY_SUFFIX)), None)
-    return None if key is None else int(state_dict[key].shape[-1])
+def context_width(shapes: Mapping[str, torch.Tensor | torch.Size]) -> Optional[int]:
+    """The text-feature width the first cross-attention of a state dict (or of a {key: shape} mapping) reads,
+    or None if it has none."""
+    key = next((key for key in shapes if key.endswith(CROSS_ATTENTION_KEY_SUFFIX)), None)
+    return None if key is None else int(getattr(shapes[key], "shape", shapes[key])[-1])
 
 
 def refuse_other_base(source: str, what: str, width: Optional[int], expected: int) -> None:
