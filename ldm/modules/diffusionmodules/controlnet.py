@@ -19,7 +19,7 @@ sharing (which lives in the UNet's self-attention) never selects them.
 """
 from __future__ import annotations
 
-from typing import Optional, Sequence
+from typing import Any, Sequence
 
 import torch
 import torch.nn as nn
@@ -53,22 +53,15 @@ class ControlNet(nn.Module):
     """
 
     def __init__(self, image_size: int, in_channels: int, model_channels: int, hint_channels: int,
-                 num_res_blocks: int, attention_resolutions: Sequence[int], dropout: float = 0.0,
-                 channel_mult: Sequence[int] = (1, 2, 4, 8), conv_resample: bool = True, dims: int = 2,
-                 use_checkpoint: bool = False, use_fp16: bool = False, num_heads: int = -1,
-                 num_head_channels: int = -1, num_heads_upsample: int = -1, use_scale_shift_norm: bool = False,
-                 resblock_updown: bool = False, use_new_attention_order: bool = False,
-                 use_spatial_transformer: bool = False, transformer_depth: int = 1,
-                 context_dim: Optional[int] = None, n_embed: Optional[int] = None, legacy: bool = True,
-                 use_linear_in_transformer: bool = False, norm_num_groups: int = 32,
-                 global_average_pooling: bool = False):
+                 num_res_blocks: int, attention_resolutions: Sequence[int], channel_mult: Sequence[int] = (1, 2, 4, 8),
+                 conv_resample: bool = True, dims: int = 2, use_fp16: bool = False, num_heads_upsample: int = -1,
+                 use_new_attention_order: bool = False, global_average_pooling: bool = False,
+                 **block_options: Any):
+        """`block_options`: the UNet's options for its blocks (num_heads, context_dim, use_spatial_transformer,
+        dropout, use_checkpoint, ...: `UNetBlocks`' parameters). use_fp16, num_heads_upsample and
+        use_new_attention_order are accepted for CompVis configs and unused, as in `UNetModel`."""
         super().__init__()
-        blocks = UNetBlocks(model_channels, dropout=dropout, dims=dims, use_checkpoint=use_checkpoint,
-                            num_heads=num_heads, num_head_channels=num_head_channels,
-                            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
-                            use_spatial_transformer=use_spatial_transformer, transformer_depth=transformer_depth,
-                            context_dim=context_dim, n_embed=n_embed, legacy=legacy,
-                            use_linear_in_transformer=use_linear_in_transformer, norm_num_groups=norm_num_groups)
+        blocks = UNetBlocks(model_channels, dims=dims, **block_options)
         self.image_size = image_size
         self.in_channels = in_channels
         self.hint_channels = hint_channels
