@@ -102,7 +102,7 @@ def controlnet_key(key: str, layers_per_block: int) -> Optional[str]:
         return f"zero_convs.{match.group(1)}.0.{match.group(2)}"
     if key.startswith("controlnet_mid_block."):
         return f"middle_block_out.0.{key.removeprefix('controlnet_mid_block.')}"
-    if key.startswith("up_blocks.") or key.startswith(("conv_norm_out.", "conv_out.")):
+    if key.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")):
         return None  # a ControlNet has no decoder
     return unet_key(key, layers_per_block, up_blocks_with_attention=set())
 
