@@ -21,7 +21,9 @@ setup(
     extras_require={
         # parity tests compare against independent implementations
         # (selenium drives Debian's chromium + chromium-driver in the web page's browser test; .ci/run installs them)
-        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "pytorch-lightning>=2.0", "ftfy", "selenium>=4.11"],
+        # (peft: diffusers' load_lora_weights, the reference of the LoRA parity tests, needs it)
+        "test": ["pytest", "diffusers>=0.30", "transformers>=4.40", "pytorch-lightning>=2.0", "ftfy", "selenium>=4.11",
+                 "peft>=0.15"],
         # training the demo model and the first stage
         "train": ["pytorch-lightning>=2.0"],
         # DINO / CLIP feature extractors for evaluating real SD checkpoints

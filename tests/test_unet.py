@@ -6,6 +6,7 @@ import torch
 from omegaconf import OmegaConf
 
 from conftest import SD_CONFIG, load_reference_keys, randomize_, shape_string
+from diffusers_models import diffusers_unet_from_ours
 from ldm.util import instantiate_from_config
 
 PREFIX = "model.diffusion_model."
@@ -33,22 +34,9 @@ def test_full_size_unet_tags_sixteen_self_attention_layers_by_group():
     assert all(block.attn2.tag is None for block in unet.modules() if hasattr(block, "attn2"))
 
 
-def _diffusers_unet_from_ours(unet, tiny_config):
-    from diffusers import UNet2DConditionModel
-    from diffusers.loaders.single_file_utils import (convert_ldm_unet_checkpoint,
-                                                     create_unet_diffusers_config_from_ldm)
-    checkpoint = {PREFIX + k: v for k, v in unet.state_dict().items()}
-    original = OmegaConf.to_container(tiny_config, resolve=True)
-    config = create_unet_diffusers_config_from_ldm(original, checkpoint)
-    theirs = UNet2DConditionModel(**config)
-    converted = convert_ldm_unet_checkpoint(checkpoint, config)
-    theirs.load_state_dict(converted, strict=True)
-    return theirs.eval()
-
-
 @pytest.mark.parametrize("batch", [1, 3])
 def test_unet_eps_matches_diffusers_on_a_tiny_random_config(tiny_unet, tiny_config, batch):
-    theirs = _diffusers_unet_from_ours(tiny_unet, tiny_config)
+    theirs = diffusers_unet_from_ours(tiny_unet, tiny_config)
     generator = torch.Generator().manual_seed(1)
     x = torch.randn(batch, 4, 16, 16, generator=generator)  # (B, C, H, W)
     t = torch.tensor([999, 500, 1][:batch])

@@ -25,7 +25,7 @@ import os
 from dataclasses import dataclass
 from functools import partial
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import torch
 
@@ -163,9 +163,13 @@ def load_diffusers_state_dict(path: str | os.PathLike,
 
 def folder_fingerprint(path: str | os.PathLike, file_fingerprint: Any) -> str:
     """A short name of the folder's weights: the hash of its weight files' own fingerprints, in order."""
-    folder = inspect_diffusers_folder(path)
+    return files_fingerprint(inspect_diffusers_folder(path).weight_files, file_fingerprint)
+
+
+def files_fingerprint(files: Sequence[Path], file_fingerprint: Any) -> str:
+    """'folder-sha256:...': the hash of the files' own fingerprints, in order."""
     digest = hashlib.sha256()
-    for file in folder.weight_files:
+    for file in files:
         digest.update(file_fingerprint(file).encode())
     return f"folder-sha256:{digest.hexdigest()[:16]}"
 

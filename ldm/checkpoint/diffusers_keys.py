@@ -22,6 +22,11 @@ VAE (`first_stage_model.` + ...), with N levels:
   norm/q/k/v/proj_out, whose linear (C, C) weights become 1x1 convolutions (C, C, 1, 1).
 - conv_shortcut -> nin_shortcut, conv_norm_out -> norm_out; the rest keeps its name.
 
+ControlNet (a diffusers `ControlNetModel`, in the published cldm names that `ldm.checkpoint.controlnet` loads):
+- `controlnet_cond_embedding.conv_in` / `.blocks.k` / `.conv_out` -> `input_hint_block.0` / `.{2k + 2}` / `.14`
+  (every second layer of the hint encoder is a SiLU); `controlnet_down_blocks.N` -> `zero_convs.N.0`,
+  `controlnet_mid_block` -> `middle_block_out.0`; conv_in, time_embedding, down_blocks and mid_block as in the UNet.
+
 Text encoder: transformers' CLIPTextModel keys (`text_model.*`, the level restored when a file lacks it) sit
 under `cond_stage_model.transformer.`.
 """
@@ -47,6 +52,8 @@ _UNET_BLOCK = re.compile(r"(down|up)_blocks\.(\d+)\.(resnets|attentions|downsamp
 _UNET_MID = re.compile(r"mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
 _VAE_BLOCK = re.compile(r"(encoder|decoder)\.(down|up)_blocks\.(\d+)\.(resnets|downsamplers|upsamplers)\.(\d+)\.(.+)")
 _VAE_MID = re.compile(r"(encoder|decoder)\.mid_block\.(resnets|attentions)\.(\d+)\.(.+)")
+_CONTROLNET_HINT = re.compile(r"controlnet_cond_embedding\.(conv_in|conv_out|blocks\.(\d+))\.(weight|bias)")
+_CONTROLNET_ZERO = re.compile(r"controlnet_down_blocks\.(\d+)\.(weight|bias)")
 
 
 def _resnet_part(rest: str) -> str:
@@ -78,6 +85,26 @@ def unet_key(key: str, layers_per_block: int, up_blocks_with_attention: set[int]
         kind, index, rest = match.group(1), int(match.group(2)), match.group(3)
         return f"middle_block.{2 * index}.{_resnet_part(rest)}" if kind == "resnets" else f"middle_block.1.{rest}"
     return None
+
+
+def controlnet_key(key: str, layers_per_block: int) -> Optional[str]:
+    """A diffusers ControlNetModel key in the published cldm names (without `control_model.`), or None."""
+    from ldm.modules.diffusionmodules.controlnet import HINT_CHANNELS
+
+    match = _CONTROLNET_HINT.fullmatch(key)
+    if match:
+        layer, block, param = match.groups()
+        hint_convs = 2 * len(HINT_CHANNELS)  # conv_in, two per width step, conv_out: 8
+        index = 0 if layer == "conv_in" else 2 * (hint_convs - 1) if layer == "conv_out" else 2 * int(block) + 2
+        return f"input_hint_block.{index}.{param}"
+    match = _CONTROLNET_ZERO.fullmatch(key)
+    if match:
+        return f"zero_convs.{match.group(1)}.0.{match.group(2)}"
+    if key.startswith("controlnet_mid_block."):
+        return f"middle_block_out.0.{key.removeprefix('controlnet_mid_block.')}"
+    if key.startswith(("up_blocks.", "conv_norm_out.", "conv_out.")):
+        return None  # a ControlNet has no decoder
+    return unet_key(key, layers_per_block, up_blocks_with_attention=set())
 
 
 def vae_key(key: str, levels: int) -> Optional[str]:

@@ -20,3 +20,7 @@ class CheckpointReadError(CheckpointError):
 
 class CheckpointMismatchError(CheckpointError):
     """The file's tensors do not fit the model: weights missing, wrong shapes, no EMA weights, ..."""
+
+
+class OtherBaseModelError(CheckpointMismatchError):
+    """An add-on (ControlNet, LoRA) was made for another base model (SD 2.x, SDXL) than the one in use."""

@@ -127,6 +127,94 @@ class ResBlock(nn.Module):
         return self.skip_connection(x) + h
 
 
+class UNetBlocks:
+    """Builds the UNet's blocks with one set of options, so the ControlNet's encoder copy
+    (`ldm.modules.diffusionmodules.controlnet`) is made of exactly the blocks the UNet is made of.
+
+    Takes the CompVis constructor parameters and refuses the options Stable Diffusion does not use
+    (`use_spatial_transformer=False`, `resblock_updown`, `n_embed`) instead of building something different.
+    """
+
+    def __init__(self, model_channels: int, dropout: float = 0.0, dims: int = 2, use_checkpoint: bool = False,
+                 num_heads: int = -1, num_head_channels: int = -1, use_scale_shift_norm: bool = False,
+                 resblock_updown: bool = False, use_spatial_transformer: bool = False, transformer_depth: int = 1,
+                 context_dim: Optional[int] = None, n_embed: Optional[int] = None, legacy: bool = True,
+                 use_linear_in_transformer: bool = False, norm_num_groups: int = 32):
+        if not use_spatial_transformer:
+            raise NotImplementedError("only use_spatial_transformer: True (the Stable Diffusion UNet) is implemented")
+        if context_dim is None:
+            raise ValueError("use_spatial_transformer needs context_dim (768 for SD v1's CLIP text encoder)")
+        if resblock_updown or n_embed is not None:
+            raise NotImplementedError("resblock_updown and n_embed are not used by Stable Diffusion and are not implemented")
+        if num_heads == -1 and num_head_channels == -1:
+            raise ValueError("set num_heads or num_head_channels")
+        if hasattr(context_dim, "__len__"):  # OmegaConf ListConfig of one element
+            context_dim = list(context_dim)[0]
+        self.time_embed_dim = model_channels * 4
+        self.dropout, self.dims, self.use_checkpoint = dropout, dims, use_checkpoint
+        self.num_heads, self.num_head_channels, self.legacy = num_heads, num_head_channels, legacy
+        self.use_scale_shift_norm, self.norm_num_groups = use_scale_shift_norm, norm_num_groups
+        self.transformer_depth, self.context_dim = transformer_depth, context_dim
+        self.use_linear_in_transformer = use_linear_in_transformer
+
+    def time_embed(self, model_channels: int) -> nn.Sequential:
+        return nn.Sequential(nn.Linear(model_channels, self.time_embed_dim), nn.SiLU(),
+                             nn.Linear(self.time_embed_dim, self.time_embed_dim))
+
+    def res_block(self, ch_in: int, ch_out: int) -> "ResBlock":
+        return ResBlock(ch_in, self.time_embed_dim, self.dropout, out_channels=ch_out, dims=self.dims,
+                        use_checkpoint=self.use_checkpoint, use_scale_shift_norm=self.use_scale_shift_norm,
+                        norm_num_groups=self.norm_num_groups)
+
+    def transformer(self, ch: int, tag: Optional[str]) -> SpatialTransformer:
+        """A spatial transformer on `ch` channels whose self-attention layers carry `tag` (None: untagged,
+        so batch sharing can never select them)."""
+        if self.num_head_channels == -1:
+            heads, dim_head = self.num_heads, ch // self.num_heads
+        else:
+            heads, dim_head = ch // self.num_head_channels, self.num_head_channels
+        if self.legacy:
+            dim_head = ch // heads
+        layer = SpatialTransformer(ch, heads, dim_head, depth=self.transformer_depth, dropout=self.dropout,
+                                   context_dim=self.context_dim, use_checkpoint=self.use_checkpoint,
+                                   use_linear=self.use_linear_in_transformer, norm_num_groups=self.norm_num_groups)
+        for attn in layer.self_attention_layers():
+            attn.tag = tag
+        return layer
+
+    def down_path(self, in_channels: int, model_channels: int, channel_mult: Sequence[int], num_res_blocks: int,
+                  attention_resolutions: Sequence[int], conv_resample: bool = True,
+                  tagged: bool = True) -> tuple[nn.ModuleList, list[int]]:
+        """`input_blocks` and the channels of each block's output (the skip connections, in order).
+
+        The downsampling factor `ds` starts at 1 and doubles at each level; attention_resolutions lists the
+        ds values that get a transformer (SD v1: 4, 2, 1, i.e. every level but the lowest). With `tagged`,
+        self-attention layers are tagged `down.<64 // ds>`."""
+        input_blocks = nn.ModuleList([
+            TimestepEmbedSequential(conv_nd(self.dims, in_channels, model_channels, 3, padding=1))])
+        skip_channels = [model_channels]
+        ch, ds = model_channels, 1
+        for level, mult in enumerate(channel_mult):
+            for _ in range(num_res_blocks):
+                layers: list[nn.Module] = [self.res_block(ch, mult * model_channels)]
+                ch = mult * model_channels
+                if ds in attention_resolutions:
+                    layers.append(self.transformer(ch, f"down.{TAG_BASE_RESOLUTION // ds}" if tagged else None))
+                input_blocks.append(TimestepEmbedSequential(*layers))
+                skip_channels.append(ch)
+            if level != len(channel_mult) - 1:
+                input_blocks.append(TimestepEmbedSequential(
+                    Downsample(ch, conv_resample, dims=self.dims, out_channels=ch)))
+                skip_channels.append(ch)
+                ds *= 2
+        return input_blocks, skip_channels
+
+    def middle_block(self, ch: int, levels: int, tagged: bool = True) -> TimestepEmbedSequential:
+        """ResBlock, transformer, ResBlock at the lowest of `levels` levels (tag `mid.<64 // ds>`)."""
+        tag = f"mid.{TAG_BASE_RESOLUTION // 2 ** (levels - 1)}" if tagged else None
+        return TimestepEmbedSequential(self.res_block(ch, ch), self.transformer(ch, tag), self.res_block(ch, ch))
+
+
 class UNetModel(nn.Module):
     """The SD v1 UNet with spatial transformers, built from the CompVis constructor parameters.
 
@@ -145,17 +233,12 @@ class UNetModel(nn.Module):
                  transformer_depth: int = 1, context_dim: Optional[int] = None, n_embed: Optional[int] = None,
                  legacy: bool = True, use_linear_in_transformer: bool = False, norm_num_groups: int = 32):
         super().__init__()
-        if not use_spatial_transformer:
-            raise NotImplementedError("only use_spatial_transformer: True (the Stable Diffusion UNet) is implemented")
-        if context_dim is None:
-            raise ValueError("use_spatial_transformer needs context_dim (768 for SD v1's CLIP text encoder)")
-        if resblock_updown or n_embed is not None:
-            raise NotImplementedError("resblock_updown and n_embed are not used by Stable Diffusion and are not implemented")
-        if num_heads == -1 and num_head_channels == -1:
-            raise ValueError("set num_heads or num_head_channels")
-        if hasattr(context_dim, "__len__"):  # OmegaConf ListConfig of one element
-            context_dim = list(context_dim)[0]
-
+        blocks = UNetBlocks(model_channels, dropout=dropout, dims=dims, use_checkpoint=use_checkpoint,
+                            num_heads=num_heads, num_head_channels=num_head_channels,
+                            use_scale_shift_norm=use_scale_shift_norm, resblock_updown=resblock_updown,
+                            use_spatial_transformer=use_spatial_transformer, transformer_depth=transformer_depth,
+                            context_dim=context_dim, n_embed=n_embed, legacy=legacy,
+                            use_linear_in_transformer=use_linear_in_transformer, norm_num_groups=norm_num_groups)
         self.image_size = image_size
         self.in_channels = in_channels
         self.model_channels = model_channels
@@ -166,62 +249,23 @@ class UNetModel(nn.Module):
         self.num_classes = num_classes
         self.dtype = torch.float16 if use_fp16 else torch.float32
 
-        def transformer(ch: int, tag: str) -> SpatialTransformer:
-            if num_head_channels == -1:
-                heads, dim_head = num_heads, ch // num_heads
-            else:
-                heads, dim_head = ch // num_head_channels, num_head_channels
-            if legacy:
-                dim_head = ch // heads
-            layer = SpatialTransformer(ch, heads, dim_head, depth=transformer_depth, dropout=dropout,
-                                       context_dim=context_dim, use_checkpoint=use_checkpoint,
-                                       use_linear=use_linear_in_transformer, norm_num_groups=norm_num_groups)
-            for attn in layer.self_attention_layers():
-                attn.tag = tag
-            return layer
-
-        def res_block(ch_in: int, ch_out: int) -> ResBlock:
-            return ResBlock(ch_in, time_embed_dim, dropout, out_channels=ch_out, dims=dims,
-                            use_checkpoint=use_checkpoint, use_scale_shift_norm=use_scale_shift_norm,
-                            norm_num_groups=norm_num_groups)
-
-        time_embed_dim = model_channels * 4
-        self.time_embed = nn.Sequential(
-            nn.Linear(model_channels, time_embed_dim), nn.SiLU(), nn.Linear(time_embed_dim, time_embed_dim))
+        self.time_embed = blocks.time_embed(model_channels)
         if num_classes is not None:
-            self.label_emb = nn.Embedding(num_classes, time_embed_dim)
+            self.label_emb = nn.Embedding(num_classes, blocks.time_embed_dim)
 
-        # Down path. `ds` is the downsampling factor so far; attention_resolutions lists the ds values
-        # that get a transformer (SD v1: 4, 2, 1, i.e. every level but the lowest).
-        self.input_blocks = nn.ModuleList([
-            TimestepEmbedSequential(conv_nd(dims, in_channels, model_channels, 3, padding=1))])
-        skip_channels = [model_channels]
-        ch, ds = model_channels, 1
-        for level, mult in enumerate(channel_mult):
-            for _ in range(num_res_blocks):
-                layers: list[nn.Module] = [res_block(ch, mult * model_channels)]
-                ch = mult * model_channels
-                if ds in self.attention_resolutions:
-                    layers.append(transformer(ch, f"down.{TAG_BASE_RESOLUTION // ds}"))
-                self.input_blocks.append(TimestepEmbedSequential(*layers))
-                skip_channels.append(ch)
-            if level != len(channel_mult) - 1:
-                self.input_blocks.append(TimestepEmbedSequential(
-                    Downsample(ch, conv_resample, dims=dims, out_channels=ch)))
-                skip_channels.append(ch)
-                ds *= 2
-
-        self.middle_block = TimestepEmbedSequential(
-            res_block(ch, ch), transformer(ch, f"mid.{TAG_BASE_RESOLUTION // ds}"), res_block(ch, ch))
+        self.input_blocks, skip_channels = blocks.down_path(
+            in_channels, model_channels, self.channel_mult, num_res_blocks, self.attention_resolutions, conv_resample)
+        ch, ds = skip_channels[-1], 2 ** (len(channel_mult) - 1)
+        self.middle_block = blocks.middle_block(ch, len(channel_mult))
 
         # Up path: one more block per level than on the way down, each concatenating a skip connection.
         self.output_blocks = nn.ModuleList([])
         for level, mult in list(enumerate(channel_mult))[::-1]:
             for i in range(num_res_blocks + 1):
-                layers = [res_block(ch + skip_channels.pop(), model_channels * mult)]
+                layers = [blocks.res_block(ch + skip_channels.pop(), model_channels * mult)]
                 ch = model_channels * mult
                 if ds in self.attention_resolutions:
-                    layers.append(transformer(ch, f"up.{TAG_BASE_RESOLUTION // ds}"))
+                    layers.append(blocks.transformer(ch, f"up.{TAG_BASE_RESOLUTION // ds}"))
                 if level and i == num_res_blocks:
                     layers.append(Upsample(ch, conv_resample, dims=dims, out_channels=ch))
                     ds //= 2
@@ -238,8 +282,13 @@ class UNetModel(nn.Module):
                 for attn in layer.self_attention_layers()]
 
     def forward(self, x: torch.Tensor, timesteps: torch.Tensor, context: Optional[torch.Tensor] = None,
-                y: Optional[torch.Tensor] = None, step: Optional[StepContext] = None) -> torch.Tensor:
-        """eps for latents x (B, C, H, W) at `timesteps` (B,) with text `context` (B, 77, D); `step`: this
+                y: Optional[torch.Tensor] = None, control: Optional[Sequence[torch.Tensor]] = None,
+                step: Optional[StepContext] = None) -> torch.Tensor:
+        """eps for latents x (B, C, H, W) at timesteps (B,) given text context (B, 77, context_dim).
+
+        `control`: ControlNet residuals (`ldm.modules.control`), one per skip connection in `input_blocks`
+        order and then one for the middle block; each is added to its skip connection where the up path
+        reads it, and the last to the middle block's output, as the published ControlNet does. `step`: this
         call's context for the attention layers (guidance halves, sampling step; a plain one when None)."""
         if (y is not None) != (self.num_classes is not None):
             raise ValueError("pass class labels y exactly when the model is class-conditional (num_classes)")
@@ -259,6 +308,12 @@ class UNetModel(nn.Module):
             h = block(h, emb, context, step)
             skips.append(h)
         h = self.middle_block(h, emb, context, step)
+        if control is not None:
+            if len(control) != len(skips) + 1:
+                raise ValueError(f"control holds {len(control)} residuals; this UNet takes {len(skips) + 1} "
+                                 f"({len(skips)} skip connections and the middle block)")
+            h = h + control[-1].to(dtype)
+            skips = [skip + residual.to(dtype) for skip, residual in zip(skips, control)]
         for block in self.output_blocks:
             h = torch.cat([h, skips.pop()], dim=1)  # (B, C + C_skip, H, W)
             h = block(h, emb, context, step)
