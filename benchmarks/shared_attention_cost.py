@@ -71,7 +71,7 @@ def first_call_map(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cont
     """The subject token's cross-attention map (B, h, w) that a first model call leaves for the masks of the
     second: one untimed forward with subject masks (it shares nothing: no mask exists yet)."""
     positions = [(SUBJECT_TOKEN,)] * x.shape[0]
-    controller = SharedAttention(unet, SharedAttentionSettings(groups=("up",), subject=("subject",)),
+    controller = SharedAttention(unet, SharedAttentionSettings(groups=("up",), subjects="subject"),
                                  subject_positions=positions)
     with controller:
         unet(x, t, context=context)
@@ -97,14 +97,14 @@ def variant_forward(unet: torch.nn.Module, spec: str, x: torch.Tensor, t: torch.
     if settings is None:
         return (lambda: unet(x, t, context=context)), None
     positions = [(SUBJECT_TOKEN,)] * x.shape[0]
-    controller = SharedAttention(unet, settings, subject_positions=positions if settings.subject else None, seed=0)
+    controller = SharedAttention(unet, settings, subject_positions=positions if settings.subjects else None, seed=0)
     share = None
-    if settings.subject:
+    if settings.subjects:
         share = masks_after_first_call(first_map).latent_mask().float().mean().item()
 
     def run():
         with controller:
-            if settings.subject:
+            if settings.subjects:
                 controller.run.masks = masks_after_first_call(first_map)
             return unet(x, t, context=context)
     return run, share
@@ -131,7 +131,7 @@ def variants_table(opt: argparse.Namespace) -> None:
     specs = ["off", *[s for s in opt.variants.split(",") if s and s != "off"]]
     unet = sd_unet()
     x, t, context = unet_inputs(opt.batch, opt.latent)
-    masked = [spec for spec in specs if spec != "off" and parse_configuration(spec).sharing.subject]
+    masked = [spec for spec in specs if spec != "off" and parse_configuration(spec).sharing.subjects]
     with torch.no_grad():
         first_map = first_call_map(unet, x, t, context) if masked else None
         prepared = {spec: variant_forward(unet, spec, x, t, context, first_map) for spec in specs}

@@ -48,7 +48,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddim_inversion import invert
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.sharing import SharedAttentionSettings, subject_positions_for
-from ldm.sharing.masks import prompt_words
+from ldm.sharing.subject_words import prompt_words
 from ldm.sharing.reference import AnchorRecorder, RecordedAnchors
 
 # Metadata a reference PNG must carry to be regenerated.
@@ -201,8 +201,8 @@ def _record_generated_batch(module: Any, group: Sequence[Reference],
     m = group[0].metadata
     picked = [r.metadata["batch_index"] for r in group]
     positions = None
-    if settings.subject:
-        positions = subject_positions_for(module, [r.metadata["prompt"] for r in group], settings.subject)
+    if settings.subjects:
+        positions = subject_positions_for(module, [r.metadata["prompt"] for r in group], settings.subjects)
     recorder = AnchorRecorder(module, settings, picked, subject_positions=positions,
                               seed=int(group[0].metadata["seed"]))
     latent_shape = (m["C"], m["H"] // m["f"], m["W"] // m["f"])
@@ -237,13 +237,13 @@ def record_picture_anchors(module: Any, picture: Image.Image, settings: SharedAt
     error = float((back - x0).pow(2).mean().sqrt() / x0.pow(2).mean().sqrt())
     conditional, unconditional = conditionings(module, [prompt], negative_prompt, scale)
     guide = ClassifierFreeGuidance(module, conditional, unconditional, scale)
-    positions = subject_positions_for(module, [prompt], settings.subject) if settings.subject else None
+    positions = subject_positions_for(module, [prompt], settings.subjects) if settings.subjects else None
     recorder = AnchorRecorder(module, settings, [0], subject_positions=positions)
     with recorder.recording() as record:
         for step in range(steps):  # step 0 is the noisiest: the last latent of the trajectory
             index = steps - 1 - step
             # Subject masks are made from the calls before a step, so every step runs with them.
-            if settings.subject or settings.in_window(step / steps):
+            if settings.subjects or settings.in_window(step / steps):
                 guide(trajectory[index], int(sampler.ddim_timesteps[index]), step, steps)
     return record, picture, error
 

@@ -29,7 +29,7 @@ from ldm.generation.model import LatentGeometry
 from ldm.generation.reference import Reference
 from ldm.generation.sampling import batches, encode_steps
 from ldm.sharing import SharedAttentionSettings, select_layers
-from ldm.sharing.masks import check_prompts_name_subject
+from ldm.sharing.subject_words import check_prompts_name_subjects
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
 PRECISIONS = ("full", "autocast", "bfloat16")
@@ -320,8 +320,8 @@ def _check_sharing(r: GenerationRequest) -> None:
         return
     if not isinstance(r.sharing, SharedAttentionSettings):
         raise InvalidValue("sharing", r.sharing, "must be a SharedAttentionSettings or None")
-    if r.sharing.subject:
-        check_prompts_name_subject(r.prompts, r.sharing.subject)
+    if r.sharing.subjects:
+        check_prompts_name_subjects(r.prompts, r.sharing.subjects)
     if r.sharing.strength == -math.inf:
         return  # sharing switched off by its strength: no step needs to be selected
     total = r.denoising_steps
