@@ -208,6 +208,23 @@ def test_a_set_extended_with_an_option_equals_the_images_made_beside_the_referen
         assert max_difference(new, without) > 1  # the option does change them
 
 
+TWO_SUBJECT_PROMPTS = ("a red chair and a lamp", "a chair and a blue lamp", "a lamp and a chair")
+
+
+@pytest.mark.parametrize("option", [{}, {"dropout": 0.25}], ids=["isolated", "isolated with dropout"])
+def test_a_set_extended_with_isolated_subjects_equals_the_images_made_beside_the_reference(model, tmp_path, option):
+    """Each anchor offers each of its subjects' tokens to that subject's queries only, as in the batch."""
+    sharing = replace(SHARING, subjects=(("chair",), ("lamp",)), subject_sharing="isolated", **option)
+    first = generate(model, replace(FIRST, prompt=TWO_SUBJECT_PROMPTS, sharing=sharing))
+    paths = save_result(first, tmp_path, grid=False)
+    extended = generate(model, second_request(paths[0], prompt=TWO_SUBJECT_PROMPTS[1:], sharing=sharing)).images
+    pooled = generate(model, second_request(paths[0], prompt=TWO_SUBJECT_PROMPTS[1:],
+                                            sharing=replace(sharing, subject_sharing="pooled"))).images
+    for new, original, other in zip(extended, first.images[1:], pooled):
+        assert max_difference(new, original) <= 1
+        assert max_difference(new, other) > 1  # isolation does change them
+
+
 def test_a_reference_whose_prompt_does_not_name_the_subject_is_refused(model, first_run):
     with pytest.raises(InvalidValue, match="contains none of the subject words") as error:
         generate(model, second_request(first_run[1][0], prompt=("a chair lamp", "a lamp"),

@@ -54,10 +54,10 @@ def plain(both):
 PROMPTS = ["a red chair", "a blue lamp", "a green vase", "a table"]
 
 
-def run_both(pipeline, model, settings, batch: int = 3, scale: float = SCALE, width: int = 8):
+def run_both(pipeline, model, settings, batch: int = 3, scale: float = SCALE, width: int = 8, prompts=PROMPTS):
     """(ours, theirs): guided DDIM latents (B, 4, 8, width) from the same noise, this project's sampler and
     the pipeline, both sharing with `settings` (None: plain)."""
-    prompts = PROMPTS[:batch]
+    prompts = prompts[:batch]
     with torch.no_grad():
         text = model.get_learned_conditioning(prompts)
         empty = model.get_learned_conditioning([""] * batch)
@@ -106,6 +106,20 @@ def test_processor_gives_the_latents_of_this_projects_shared_sampler(both, plain
     torch.testing.assert_close(theirs, ours, **TOLERANCE)
 
 
+@pytest.mark.parametrize("settings", [
+    SharedAttentionSettings(groups=("up",), subjects="chair;lamp", subject_sharing="isolated"),
+    SharedAttentionSettings(groups=("up",), subjects="chair;lamp", subject_sharing="isolated", adain=True, dropout=0.25),
+    SharedAttentionSettings(groups=("up",), subjects="chair;lamp", mode="anchor"),
+], ids=["isolated", "isolated-adain-dropout", "pooled-anchor"])
+def test_several_subjects_give_the_latents_of_this_projects_sampler(both, settings):
+    pipeline, model = both
+    prompts = ["a red chair and a lamp", "a lamp and a blue chair", "a chair and a green lamp"]
+    plain, _ = run_both(pipeline, model, None, prompts=prompts)
+    ours, theirs = run_both(pipeline, model, settings, prompts=prompts)
+    assert (ours - plain).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, **TOLERANCE)
+
+
 def test_pooling_and_masks_use_each_layers_grid_on_wide_latents(both):
     """8x16 latents: every level's token grid is twice as wide as high, so a grid read the wrong way
     round would pool other tokens together and put the masks elsewhere."""
@@ -151,8 +165,9 @@ def test_subject_positions_come_from_the_pipelines_tokenizer_as_from_this_projec
     settings = SharedAttentionSettings(groups=("up",), subjects=(tuple(words),))
     controller = DiffusersSharedAttention(SimpleNamespace(unet=pipeline.unet, tokenizer=tokenizer), settings,
                                           prompts=prompts)
-    assert controller.subject_positions == subject_positions_for(model, prompts, words)
-    assert controller.subject_positions[1] == (2, 8) and controller.subject_positions[2] == (2,)
+    assert controller.subject_positions == subject_positions_for(model, prompts, [words])
+    (positions,) = controller.subject_positions  # one subject: its positions in each prompt
+    assert positions[1] == (2, 8) and positions[2] == (2,)
 
 
 def test_subject_words_without_prompts_or_tokenizer_are_refused(both):

@@ -280,6 +280,10 @@ def _check_references(r: GenerationRequest) -> None:
     if r.sampler != "ddim":
         raise InvalidValue("sampler", r.sampler, "a reference's keys are recorded per step, which needs one "
                                                  "model call per step: use DDIM")
+    if r.sharing.isolated and r.sharing.adain:
+        raise InvalidValue("sharing.adain", True, "AdaIN per subject beside a reference is not supported (a reference "
+                                                  "records its first anchor's whole-image statistics); drop AdaIN or "
+                                                  "the reference")
 
 
 def _check_input_channels(r: GenerationRequest, model: ModelDescription) -> None:
@@ -321,7 +325,10 @@ def _check_sharing(r: GenerationRequest) -> None:
     if not isinstance(r.sharing, SharedAttentionSettings):
         raise InvalidValue("sharing", r.sharing, "must be a SharedAttentionSettings or None")
     if r.sharing.subjects:
-        check_prompts_name_subjects(r.prompts, r.sharing.subjects)
+        try:
+            check_prompts_name_subjects(r.prompts, r.sharing.subjects)
+        except InvalidValue as error:
+            raise error.within("sharing") from None
     if r.sharing.strength == -math.inf:
         return  # sharing switched off by its strength: no step needs to be selected
     total = r.denoising_steps

@@ -249,7 +249,8 @@ class SharedAttentionSettings:
             raise InvalidValue("anchors", anchors, "anchors apply in anchor mode only; add the anchor mode or "
                                                    "leave anchors out")
         if subjects is not None:
-            given = [subjects] if isinstance(subjects, str) else list(subjects)
+            given = [part for item in ([subjects] if isinstance(subjects, str) else list(subjects))
+                     for part in (item.split(";") if isinstance(item, str) else [item])]
             if not given or any(not _names("subjects", item, "subject words") for item in given):
                 raise InvalidValue("subjects", subjects, "no subject word given; name the subject (e.g. chair) or "
                                                          "leave subject words out")
