@@ -62,17 +62,18 @@ def layer_geometry(unet: torch.nn.Module, latent: int) -> dict[str, tuple[int, i
     return geometry
 
 
-# With random weights there are no subject words: every image's subject is text token 2 (the first
-# word after the start token of a prompt like "a chair ...": the token after "a").
-SUBJECT_TOKEN = 2
+# With random weights there are no subject words: subject s of every image is text token 2 + 3 s (the
+# words after "a" in a prompt like "a chair and a lamp": tokens 2 and 5).
+def subject_positions(subjects: int, batch: int) -> list[list[tuple[int, ...]]]:
+    return [[(2 + 3 * s,)] * batch for s in range(subjects)]
 
 
-def first_call_map(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor) -> torch.Tensor:
-    """The subject token's cross-attention map (B, h, w) that a first model call leaves for the masks of the
-    second: one untimed forward with subject masks (it shares nothing: no mask exists yet)."""
-    positions = [(SUBJECT_TOKEN,)] * x.shape[0]
-    controller = SharedAttention(unet, SharedAttentionSettings(groups=("up",), subject=("subject",)),
-                                 subject_positions=positions)
+def first_call_map(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, context: torch.Tensor,
+                   subjects: int) -> torch.Tensor:
+    """The subject tokens' cross-attention maps (S, B, h, w) that a first model call leaves for the masks of
+    the second: one untimed forward with subject masks (it shares nothing: no mask exists yet)."""
+    settings = SharedAttentionSettings(groups=("up",), subjects=[f"subject{s}" for s in range(subjects)])
+    controller = SharedAttention(unet, settings, subject_positions=subject_positions(subjects, x.shape[0]))
     with controller:
         unet(x, t, context=context)
         masks = controller.run.masks
@@ -81,8 +82,8 @@ def first_call_map(unet: torch.nn.Module, x: torch.Tensor, t: torch.Tensor, cont
 
 
 def masks_after_first_call(first_map: torch.Tensor) -> SubjectMasks:
-    """Subject masks as at the second step of a run: made from the first call's map."""
-    masks = SubjectMasks([(SUBJECT_TOKEN,)] * first_map.shape[0])
+    """Subject masks as at the second step of a run: made from the first call's maps (S, B, h, w)."""
+    masks = SubjectMasks(subject_positions(first_map.shape[0], first_map.shape[1]))
     masks.history.append(first_map)
     masks.enter_call(StepContext(latent_size=tuple(first_map.shape[-2:])))  # the second call's mask
     return masks
@@ -96,16 +97,17 @@ def variant_forward(unet: torch.nn.Module, spec: str, x: torch.Tensor, t: torch.
     settings = parse_configuration(spec).sharing
     if settings is None:
         return (lambda: unet(x, t, context=context)), None
-    positions = [(SUBJECT_TOKEN,)] * x.shape[0]
-    controller = SharedAttention(unet, settings, subject_positions=positions if settings.subject else None, seed=0)
+    positions = subject_positions(len(settings.subjects), x.shape[0]) if settings.subjects else None
+    controller = SharedAttention(unet, settings, subject_positions=positions, seed=0)
     share = None
-    if settings.subject:
+    if settings.subjects:
+        first_map = first_map[:len(settings.subjects)]  # made for the most subjects any candidate names
         share = masks_after_first_call(first_map).latent_mask().float().mean().item()
 
     def run():
         with controller:
-            if settings.subject:
-                controller.run.masks = masks_after_first_call(first_map)
+            if settings.subjects:
+                controller.run.masks = masks_after_first_call(first_map[:len(settings.subjects)])
             return unet(x, t, context=context)
     return run, share
 
@@ -131,9 +133,10 @@ def variants_table(opt: argparse.Namespace) -> None:
     specs = ["off", *[s for s in opt.variants.split(",") if s and s != "off"]]
     unet = sd_unet()
     x, t, context = unet_inputs(opt.batch, opt.latent)
-    masked = [spec for spec in specs if spec != "off" and parse_configuration(spec).sharing.subject]
+    masked = [spec for spec in specs if spec != "off" and parse_configuration(spec).sharing.subjects]
     with torch.no_grad():
-        first_map = first_call_map(unet, x, t, context) if masked else None
+        most = max((len(parse_configuration(spec).sharing.subjects) for spec in masked), default=0)
+        first_map = first_call_map(unet, x, t, context, most) if masked else None
         prepared = {spec: variant_forward(unet, spec, x, t, context, first_map) for spec in specs}
         medians = time_alternately({spec: run for spec, (run, _) in prepared.items()}, repeats=opt.repeats)
     memory = {}

@@ -57,7 +57,8 @@ GENERATION_FLAGS = {
     "sharing.steps": "--shared-attn-steps", "sharing.strength": "--shared-attn-strength",
     "references": "--shared-attn-reference", "reference_prompt": "--shared-attn-reference-prompt",
     "reference_cache": "--shared-attn-reference-cache",
-    "sharing.subject": "--shared-attn-subject", "sharing.dropout": "--shared-attn-dropout",
+    "sharing.subjects": "--shared-attn-subject", "sharing.subject_sharing": "--shared-attn-subjects",
+    "sharing.dropout": "--shared-attn-dropout",
     "sharing.adain": "--shared-attn-adain",
 }
 # argparse destinations of the fields whose flag is named otherwise (for the model defaults).
@@ -210,9 +211,15 @@ def add_shared_attention_arguments(parser: argparse.ArgumentParser) -> None:
                        help="on (default): record the references' keys and values once per run and reuse them in "
                             "every batch; off: record them again before every batch (same images, slower, the "
                             "same peak memory)")
-    group.add_argument("--shared-attn-subject", type=str, default=None, metavar="WORD[,WORD...]",
-                       help="prompt words naming the subject (every prompt must contain one): of the other images "
-                            "only the subject's tokens are shared, found from the words' cross-attention")
+    group.add_argument("--shared-attn-subject", type=str, action="append", default=None, metavar="WORD[,WORD...]",
+                       help="prompt words naming a subject (alternatives, comma-separated; every prompt must name "
+                            "it): of the other images only the subjects' tokens are shared, found from the words' "
+                            "cross-attention. Repeat for several subjects (or separate them with ';'); WORD#N names "
+                            "the N-th occurrence of WORD, for two subjects of one kind (face#1, face#2)")
+    group.add_argument("--shared-attn-subjects", type=str, choices=("pooled", "isolated"), default=None,
+                       help="with subjects: pooled (default) offers every subject's tokens to every query, as "
+                            "ConsiStory does; isolated offers a query inside one subject's mask only that "
+                            "subject's tokens of the other images, and a query outside every mask its own image only")
     group.add_argument("--shared-attn-dropout", type=float, default=None, metavar="P",
                        help="drop each of the other images' tokens with probability P (0 <= P < 1), redrawn every "
                             "step from the run's seed")
@@ -268,8 +275,9 @@ def run_values(opt: argparse.Namespace) -> RunValues:
         mask_image=getattr(opt, "mask", None),
         sharing=SharingValues(groups=opt.shared_attn, mode=opt.shared_attn_mode, anchors=opt.shared_attn_anchors,
                               steps=opt.shared_attn_steps, strength=opt.shared_attn_strength,
-                              subject=opt.shared_attn_subject, dropout=opt.shared_attn_dropout,
-                              adain=opt.shared_attn_adain),
+                              subjects=None if opt.shared_attn_subject is None else tuple(opt.shared_attn_subject),
+                              dropout=opt.shared_attn_dropout, adain=opt.shared_attn_adain,
+                              subject_sharing=opt.shared_attn_subjects),
         compare=opt.compare, references=tuple(opt.shared_attn_reference or ()),
         reference_prompt=opt.shared_attn_reference_prompt, reference_cache=opt.shared_attn_reference_cache == "on",
         demo=opt.demo, config=opt.config, ckpt=opt.ckpt, use_ema=opt.use_ema, device=opt.device,
@@ -279,8 +287,8 @@ def run_values(opt: argparse.Namespace) -> RunValues:
 
 # (field, flag) of the valued flags `command_flags` writes, in the order it writes them.
 COMMAND_ORDER = ("batch_size", "n_iter", "seed", "steps", "scale", "eta", "negative_prompt", "height", "width",
-                 "sharing.mode", "sharing.anchors", "sharing.steps", "sharing.strength", "sharing.subject",
-                 "sharing.dropout", "references", "reference_prompt", "reference_cache")
+                 "sharing.mode", "sharing.anchors", "sharing.steps", "sharing.strength", "sharing.subjects",
+                 "sharing.subject_sharing", "sharing.dropout", "references", "reference_prompt", "reference_cache")
 
 
 def command_flags(values: RunValues, prompt_file: Optional[str] = None) -> list[str]:
@@ -306,7 +314,9 @@ def command_flags(values: RunValues, prompt_file: Optional[str] = None) -> list[
         value, default = _field(values, name), _field(defaults, name)
         if name == "reference_cache":
             value, default = ("on" if value else "off"), "on"
-        for item in (value if name == "references" else (value,)):
+        if name == "sharing.subjects" and isinstance(value, str):
+            value = tuple(value.split(";"))  # as typed on the page: one flag per subject
+        for item in (value if name in ("references", "sharing.subjects") and value is not None else (value,)):
             tokens += _valued(GENERATION_FLAGS[name], getattr(item, "path", item), default)
     return tokens
 
@@ -346,7 +356,8 @@ def print_shared_attention_help(opt: argparse.Namespace) -> None:
               f"latents {latent_h}x{latent_w}):")
     print(describe_layers(unet, grids))
     print("Options: --shared-attn-subject WORD[,WORD] (subject masks from cross-attention; sharing starts at the "
-          "second step), --shared-attn-dropout P (0 <= P < 1, seeded by --seed), --shared-attn-adain (AdaIN of "
+          "second step; repeat for several subjects, and --shared-attn-subjects isolated keeps each subject's "
+          "tokens for its own queries), --shared-attn-dropout P (0 <= P < 1, seeded by --seed), --shared-attn-adain (AdaIN of "
           "queries and keys towards the first image); each combines with groups, anchors, steps and strength, "
           "except that modes others and mean take no subject or dropout, and mean no strength.")
     if grids is None:

@@ -364,7 +364,7 @@ def test_recorder_keeps_each_calls_mask_and_changes_nothing(tiny_model):
     unet = tiny_model.model.diffusion_model
     g = torch.Generator().manual_seed(0)
     x, t, context = torch.randn(2, 4, 8, 8, generator=g), torch.full((2,), 500), torch.randn(2, 77, 32, generator=g)
-    settings = SharedAttentionSettings(groups=("up",), subject=("chair",))
+    settings = SharedAttentionSettings(groups=("up",), subjects=(("chair",),))
 
     def three_calls(record: bool):
         controller = SharedAttention(unet, settings, subject_positions=[(2,), (2,)])

@@ -193,8 +193,8 @@ def test_recording_again_for_every_batch_gives_the_images_of_the_record_made_onc
 #   non-anchors, so the same tokens of the anchor are dropped;
 # - AdaIN: the group's first image is the anchor, whose query and key statistics are recorded.
 # Only floating-point rounding differs (the anchor's keys come from a batch of another size), hence 1/255.
-@pytest.mark.parametrize("option", [{"subject": ("chair",)}, {"dropout": 0.5}, {"adain": True},
-                                    {"subject": ("chair",), "dropout": 0.25, "adain": True}],
+@pytest.mark.parametrize("option", [{"subjects": (("chair",),)}, {"dropout": 0.5}, {"adain": True},
+                                    {"subjects": (("chair",),), "dropout": 0.25, "adain": True}],
                          ids=["subject", "dropout", "adain", "all three"])
 def test_a_set_extended_with_an_option_equals_the_images_made_beside_the_reference(model, first_run, tmp_path,
                                                                                    option):
@@ -208,17 +208,34 @@ def test_a_set_extended_with_an_option_equals_the_images_made_beside_the_referen
         assert max_difference(new, without) > 1  # the option does change them
 
 
+TWO_SUBJECT_PROMPTS = ("a red chair and a lamp", "a chair and a blue lamp", "a lamp and a chair")
+
+
+@pytest.mark.parametrize("option", [{}, {"dropout": 0.25}], ids=["isolated", "isolated with dropout"])
+def test_a_set_extended_with_isolated_subjects_equals_the_images_made_beside_the_reference(model, tmp_path, option):
+    """Each anchor offers each of its subjects' tokens to that subject's queries only, as in the batch."""
+    sharing = replace(SHARING, subjects=(("chair",), ("lamp",)), subject_sharing="isolated", **option)
+    first = generate(model, replace(FIRST, prompt=TWO_SUBJECT_PROMPTS, sharing=sharing))
+    paths = save_result(first, tmp_path, grid=False)
+    extended = generate(model, second_request(paths[0], prompt=TWO_SUBJECT_PROMPTS[1:], sharing=sharing)).images
+    pooled = generate(model, second_request(paths[0], prompt=TWO_SUBJECT_PROMPTS[1:],
+                                            sharing=replace(sharing, subject_sharing="pooled"))).images
+    for new, original, other in zip(extended, first.images[1:], pooled):
+        assert max_difference(new, original) <= 1
+        assert max_difference(new, other) > 1  # isolation does change them
+
+
 def test_a_reference_whose_prompt_does_not_name_the_subject_is_refused(model, first_run):
     with pytest.raises(InvalidValue, match="contains none of the subject words") as error:
         generate(model, second_request(first_run[1][0], prompt=("a chair lamp", "a lamp"),
-                                       sharing=replace(SHARING, subject=("lamp",))))
+                                       sharing=replace(SHARING, subjects=(("lamp",),))))
     assert error.value.field == "references"
 
 
 def test_a_picture_is_given_subject_masks_from_its_prompt_which_must_name_the_subject(model, first_run, tmp_path):
     picture = tmp_path / "photo.png"
     Image.open(first_run[1][0]).convert("RGB").save(picture)
-    sharing = replace(SHARING, subject=("chair",))
+    sharing = replace(SHARING, subjects=(("chair",),))
     with pytest.raises(InvalidValue, match="contains none of the subject words") as error:
         generate(model, second_request(picture, reference_prompt="a red thing", sharing=sharing))
     assert error.value.field == "reference_prompt"

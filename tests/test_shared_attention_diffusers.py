@@ -54,10 +54,10 @@ def plain(both):
 PROMPTS = ["a red chair", "a blue lamp", "a green vase", "a table"]
 
 
-def run_both(pipeline, model, settings, batch: int = 3, scale: float = SCALE, width: int = 8):
+def run_both(pipeline, model, settings, batch: int = 3, scale: float = SCALE, width: int = 8, prompts=PROMPTS):
     """(ours, theirs): guided DDIM latents (B, 4, 8, width) from the same noise, this project's sampler and
     the pipeline, both sharing with `settings` (None: plain)."""
-    prompts = PROMPTS[:batch]
+    prompts = prompts[:batch]
     with torch.no_grad():
         text = model.get_learned_conditioning(prompts)
         empty = model.get_learned_conditioning([""] * batch)
@@ -72,7 +72,7 @@ def run_both(pipeline, model, settings, batch: int = 3, scale: float = SCALE, wi
     else:
         # The subject's positions as this project's sampler finds them (its tokenizer; the tiny pipeline
         # has none); the dropout seed is the batch's first seed, as the sampler's.
-        positions = subject_positions_for(model, prompts, settings.subject) if settings.subject else None
+        positions = subject_positions_for(model, prompts, settings.subjects) if settings.subjects else None
         with DiffusersSharedAttention(pipeline, settings, subject_positions=positions, seed=0):
             theirs = pipeline(**kwargs).images
     return ours, theirs
@@ -92,11 +92,11 @@ def test_layers_get_this_projects_tags(both):
     SharedAttentionSettings(mode="anchor", anchors=2, steps=(0.0, 0.5), strength=2.0),
     SharedAttentionSettings(groups=("up",), adain=True),
     SharedAttentionSettings(groups=("up",), mode="others"),
-    SharedAttentionSettings(groups=("up",), subject=("chair", "lamp", "vase")),
-    SharedAttentionSettings(groups=("up", "mid"), subject=("chair", "lamp", "vase"), mode="anchor", anchors=1),
+    SharedAttentionSettings(groups=("up",), subjects=(("chair", "lamp", "vase"),)),
+    SharedAttentionSettings(groups=("up", "mid"), subjects=(("chair", "lamp", "vase"),), mode="anchor", anchors=1),
     SharedAttentionSettings(groups=("up",), dropout=0.5),
     SharedAttentionSettings(mode="pooled"),
-    SharedAttentionSettings(groups=("up",), mode="pooled", subject=("chair", "lamp", "vase"), dropout=0.25),
+    SharedAttentionSettings(groups=("up",), mode="pooled", subjects=(("chair", "lamp", "vase"),), dropout=0.25),
 ], ids=["all", "anchor-up-mid", "levels-weaker", "two-anchors-window-stronger", "adain-up", "others-up",
         "subject-up", "subject-anchor", "dropout-up", "pooled-all", "pooled-subject-dropout"])
 def test_processor_gives_the_latents_of_this_projects_shared_sampler(both, plain, settings):
@@ -106,11 +106,25 @@ def test_processor_gives_the_latents_of_this_projects_shared_sampler(both, plain
     torch.testing.assert_close(theirs, ours, **TOLERANCE)
 
 
+@pytest.mark.parametrize("settings", [
+    SharedAttentionSettings(groups=("up",), subjects="chair;lamp", subject_sharing="isolated"),
+    SharedAttentionSettings(groups=("up",), subjects="chair;lamp", subject_sharing="isolated", adain=True, dropout=0.25),
+    SharedAttentionSettings(groups=("up",), subjects="chair;lamp", mode="anchor"),
+], ids=["isolated", "isolated-adain-dropout", "pooled-anchor"])
+def test_several_subjects_give_the_latents_of_this_projects_sampler(both, settings):
+    pipeline, model = both
+    prompts = ["a red chair and a lamp", "a lamp and a blue chair", "a chair and a green lamp"]
+    plain, _ = run_both(pipeline, model, None, prompts=prompts)
+    ours, theirs = run_both(pipeline, model, settings, prompts=prompts)
+    assert (ours - plain).abs().max() > 1e-3
+    torch.testing.assert_close(theirs, ours, **TOLERANCE)
+
+
 def test_pooling_and_masks_use_each_layers_grid_on_wide_latents(both):
     """8x16 latents: every level's token grid is twice as wide as high, so a grid read the wrong way
     round would pool other tokens together and put the masks elsewhere."""
     pipeline, model = both
-    settings = SharedAttentionSettings(groups=("up",), mode="pooled", subject=("chair", "lamp", "vase"))
+    settings = SharedAttentionSettings(groups=("up",), mode="pooled", subjects=(("chair", "lamp", "vase"),))
     plain_ours, plain_theirs = run_both(pipeline, model, None, width=16)
     torch.testing.assert_close(plain_theirs, plain_ours, **TOLERANCE)
     ours, theirs = run_both(pipeline, model, settings, width=16)
@@ -148,16 +162,17 @@ def test_subject_positions_come_from_the_pipelines_tokenizer_as_from_this_projec
                                            str(tmp_path / "merges.txt"))
     prompts = ["a red striped armchair", "an armchair in a green room, armchair", "a chair"]
     words = ("armchair", "chair")
-    settings = SharedAttentionSettings(groups=("up",), subject=words)
+    settings = SharedAttentionSettings(groups=("up",), subjects=(tuple(words),))
     controller = DiffusersSharedAttention(SimpleNamespace(unet=pipeline.unet, tokenizer=tokenizer), settings,
                                           prompts=prompts)
-    assert controller.subject_positions == subject_positions_for(model, prompts, words)
-    assert controller.subject_positions[1] == (2, 8) and controller.subject_positions[2] == (2,)
+    assert controller.subject_positions == subject_positions_for(model, prompts, [words])
+    (positions,) = controller.subject_positions  # one subject: its positions in each prompt
+    assert positions[1] == (2, 8) and positions[2] == (2,)
 
 
 def test_subject_words_without_prompts_or_tokenizer_are_refused(both):
     pipeline, _ = both  # the tiny pipeline has no tokenizer
-    settings = SharedAttentionSettings(groups=("up",), subject=("chair",))
+    settings = SharedAttentionSettings(groups=("up",), subjects=(("chair",),))
     with pytest.raises(ValueError, match="subject's token positions.*pass the prompts"):
         DiffusersSharedAttention(pipeline, settings)
     with pytest.raises(ValueError, match="subject's token positions"):
@@ -169,7 +184,7 @@ def test_subject_reading_leaves_cross_attention_outputs_unchanged(both):
     (strength -inf), the latents are those of the plain pipeline, bit for bit."""
     pipeline, model = both
     _, plain_theirs = run_both(pipeline, model, None)
-    settings = SharedAttentionSettings(groups=("up",), subject=("chair", "lamp", "vase"), strength=-float("inf"))
+    settings = SharedAttentionSettings(groups=("up",), subjects=(("chair", "lamp", "vase"),), strength=-float("inf"))
     _, theirs = run_both(pipeline, model, settings)
     assert torch.equal(theirs, plain_theirs)
 

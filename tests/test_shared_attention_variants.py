@@ -13,7 +13,8 @@ from ldm.modules.cross_attention_read import token_probability_map
 from ldm.modules.step_context import StepContext
 from ldm.sharing import SharedAttentionSettings, shared_attention
 from ldm.sharing.kernels import attend_own_and_offered, offers, others_seen, shared_batch_attention
-from ldm.sharing.masks import otsu_mask, resize_mask, subject_token_positions
+from ldm.sharing.masks import otsu_mask, resize_mask
+from ldm.sharing.subject_words import subject_token_positions
 from ldm.sharing.transforms import adain_to_group_reference, blend_with_group_mean, pool_tokens
 
 SCALE = 8 ** -0.5
@@ -188,11 +189,11 @@ def test_masks_are_resized_to_a_layer_grid_by_majority_of_covered_cells():
 def test_subject_tokens_are_found_in_each_prompt_and_a_missing_word_names_the_image():
     from ldm.modules.encoders.tokenizer import CLIPTokenizer
     tokenizer = CLIPTokenizer.from_default()
-    positions = subject_token_positions(tokenizer, ["a red chair", "a chair and a lamp"], ["chair", "lamp"])
-    assert positions == [(3,), (2, 5)]
+    positions = subject_token_positions(tokenizer, ["a red chair", "a chair and a lamp"], [("chair", "lamp")])
+    assert positions == [[(3,), (2, 5)]]
     with pytest.raises(InvalidValue, match=r"image 1 \('a table'\)") as error:
-        subject_token_positions(tokenizer, ["a chair", "a table"], ["chair"])
-    assert error.value.field == "sharing.subject"
+        subject_token_positions(tokenizer, ["a chair", "a table"], [("chair",)])
+    assert error.value.field == "subjects"
 
 
 # ---- the whole tiny UNet ------------------------------------------------------------------------------
@@ -207,7 +208,7 @@ def run(unet, x, t, c, halves=1):
     return unet(x, t, context=c, step=StepContext(halves=halves, latent_size=tuple(x.shape[-2:])))
 
 
-SUBJECT = dict(subject="chair", subject_positions=[(2,)] * 4)
+SUBJECT = dict(subjects="chair", subject_positions=[(2,)] * 4)
 
 
 @pytest.mark.parametrize("options", [dict(mode="others"), dict(mode="mean"), dict(adain=True),
@@ -266,7 +267,7 @@ def test_seeded_dropout_reproduces_and_differs_between_seeds(tiny_unet):
 
 
 @pytest.mark.parametrize("options", [dict(mode="pooled"), dict(mode="others"), dict(mode="mean"), dict(adain=True),
-                                     dict(dropout=0.5, subject="chair", subject_positions=[(2,)] * 2)])
+                                     dict(dropout=0.5, subjects="chair", subject_positions=[(2,)] * 2)])
 def test_guidance_halves_never_mix_under_any_variant(tiny_unet, options):
     x, t, c = unet_inputs(4)  # [uncond 0, uncond 1, cond 0, cond 1]
     changed_x, changed_c = x.clone(), c.clone()
@@ -284,8 +285,8 @@ def test_guidance_halves_never_mix_under_any_variant(tiny_unet, options):
 @pytest.mark.parametrize("kwargs, field, message", [
     ({"dropout": 1.0}, "dropout", "0 <= p < 1"),
     ({"dropout": -0.1}, "dropout", "0 <= p < 1"),
-    ({"subject": ("red chair",)}, "subject", "single words"),
-    ({"mode": "others", "subject": ("chair",)}, "subject", "nothing to attend to"),
+    ({"subjects": (("red chair",),)}, "subjects", "single words"),
+    ({"mode": "others", "subjects": "chair"}, "subjects", "nothing to attend to"),
     ({"mode": "mean", "dropout": 0.5}, "dropout", "no other images' tokens"),
     ({"mode": "mean", "strength": 1.0}, "strength", "nothing|no other images' keys"),
 ])
@@ -297,13 +298,13 @@ def test_bad_variant_settings_are_errors_naming_the_setting(kwargs, field, messa
 
 def test_subject_masks_need_the_prompts_or_the_token_positions(tiny_unet):
     with pytest.raises(ValueError, match="token positions"):
-        shared_attention(tiny_unet, subject="chair")
+        shared_attention(tiny_unet, subjects="chair")
 
 
 def test_generation_with_subject_masks_records_every_option_in_the_metadata(tiny_ckpt):
     from ldm.generation import GenerationRequest, generate, load_model
     model = load_model(TINY_CONFIG, tiny_ckpt)
-    settings = SharedAttentionSettings(groups=("up",), subject=("chair",), dropout=0.25, adain=True)
+    settings = SharedAttentionSettings(groups=("up",), subjects=(("chair",),), dropout=0.25, adain=True)
     request = GenerationRequest(prompt=("a chair", "a red chair"), batch_size=2, steps=3, scale=2.0, seed=5,
                                 sharing=settings)
     first, second = generate(model, request), generate(model, request)
@@ -315,9 +316,9 @@ def test_generation_with_subject_masks_records_every_option_in_the_metadata(tiny
 
 
 @pytest.mark.parametrize("spec, expected", [
-    ("up@mask@drop=0.5", dict(groups=("up",), subject=("chair", "table", "lamp", "vase", "face"),
+    ("up@mask@drop=0.5", dict(groups=("up",), subjects=(("chair", "table", "lamp", "vase", "face"),),
                                dropout=0.5)),
-    ("up@subject=chair/lamp@adain", dict(groups=("up",), subject=("chair", "lamp"), adain=True)),
+    ("up@subject=chair/lamp@adain", dict(groups=("up",), subjects=(("chair", "lamp"),), adain=True)),
     ("up@pooled", dict(groups=("up",), mode="pooled")),
     ("all@mean", dict(mode="mean")),
 ])

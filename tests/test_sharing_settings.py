@@ -14,7 +14,7 @@ from ldm.sharing import SharedAttentionSettings as Settings
 EXAMPLES = [
     Settings(),
     Settings(groups=("up",), mode="anchor", anchors=2, steps=(0.0, 0.5), strength=-1.5),
-    Settings(groups=("mid", "up.32"), subject=("chair", "lamp"), dropout=0.25, adain=True),
+    Settings(groups=("mid", "up.32"), subjects=(("chair", "lamp"),), dropout=0.25, adain=True),
     Settings(groups=("up",), mode="pooled", strength=2.0),
     Settings(groups=("32",), mode="others", strength=-math.inf),
     Settings(groups=("all",), mode="mean", steps=(0.25, 0.75)),
@@ -34,7 +34,7 @@ def test_png_metadata_gives_back_the_same_settings_through_json(settings):
 
 def test_metadata_keeps_its_written_form():
     """PNGs made before keep their meaning: the keys, the comma-joined lists and the window text."""
-    assert Settings(groups=("up", "mid"), subject=("chair",)).as_metadata() == {
+    assert Settings(groups=("up", "mid"), subjects=(("chair",),)).as_metadata() == {
         "groups": "up,mid", "mode": "all", "anchors": 1, "steps": "0.0:1.0", "strength": 0.0, "subject": "chair",
         "dropout": 0.0, "adain": False}
     assert Settings.from_metadata(None) is None
@@ -44,8 +44,8 @@ def test_metadata_keeps_its_written_form():
     ("up@0:0.3", Settings(groups=("up",), steps=(0.0, 0.3))),
     ("mid+up@s=-1", Settings(groups=("mid", "up"), strength=-1.0)),
     ("all@anchor=2", Settings(mode="anchor", anchors=2)),
-    ("up@mask@drop=0.5", Settings(groups=("up",), subject=("chair", "face"), dropout=0.5)),
-    ("up@subject=chair/lamp@adain", Settings(groups=("up",), subject=("chair", "lamp"), adain=True)),
+    ("up@mask@drop=0.5", Settings(groups=("up",), subjects=(("chair", "face"),), dropout=0.5)),
+    ("up@subject=chair/lamp@adain", Settings(groups=("up",), subjects=(("chair", "lamp"),), adain=True)),
 ])
 def test_the_study_text_syntax(text, expected):
     assert Settings.from_text(text, mask_words=("chair", "face")) == expected
@@ -65,7 +65,7 @@ def test_bad_study_text_names_the_problem(text, problem):
     (dict(steps=(0,)), "steps"), (dict(steps="0:1"), "steps"), (dict(steps=(0, "1")), "steps"),
     (dict(strength="1"), "strength"), (dict(dropout="0.5"), "dropout"), (dict(dropout=True), "dropout"),
     (dict(adain="no"), "adain"), (dict(adain=1), "adain"), (dict(mode=None), "mode"),
-    (dict(subject=("chair", 2)), "subject"),
+    (dict(subjects=(("chair", 2),)), "subjects"), (dict(subjects=5), "subjects"),
 ])
 def test_wrong_types_are_refused_naming_the_field_never_coerced(kwargs, field):
     with pytest.raises(InvalidValue) as error:
@@ -82,17 +82,19 @@ def test_anchors_other_than_one_need_anchor_mode():
 
 def test_values_from_a_front_end_none_meaning_not_given():
     assert Settings.from_values("up,mid") == Settings(groups=("up", "mid"))
-    assert Settings.from_values("up", mode="anchor", anchors=2, steps="0:0.5", subject="chair, lamp",
+    assert Settings.from_values("up", mode="anchor", anchors=2, steps="0:0.5", subjects="chair, lamp",
                                 dropout=0.5, adain=True) == \
-        Settings(groups=("up",), mode="anchor", anchors=2, steps=(0.0, 0.5), subject=("chair", "lamp"), dropout=0.5,
+        Settings(groups=("up",), mode="anchor", anchors=2, steps=(0.0, 0.5), subjects=(("chair", "lamp"),), dropout=0.5,
                  adain=True)
 
 
 @pytest.mark.parametrize("values, field, problem", [
     (dict(anchors=1), "anchors", "anchor mode only"),  # given, but the mode is the default 'all'
     (dict(anchors=3, mode="all"), "anchors", "anchor mode only"),
-    (dict(subject=""), "subject", "no subject word"),
-    (dict(subject=" , "), "subject", "no subject word"),
+    (dict(subjects=""), "subjects", "no subject word"),
+    (dict(subjects=" , "), "subjects", "no subject word"),
+    (dict(subjects=["chair", ""]), "subjects", "no subject word"),
+    (dict(subject_sharing="isolated"), "subject_sharing", "applies to subjects"),
     (dict(steps="0-1"), "steps", "START:END"),
 ])
 def test_values_that_would_be_ignored_are_errors(values, field, problem):

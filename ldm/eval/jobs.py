@@ -123,7 +123,7 @@ class SetRunner:
 
     def records_masks(self, sharing: Optional[SharedAttentionSettings]) -> bool:
         """Whether a job's subject masks are recorded: with subject words and an instrument that segments."""
-        return sharing is not None and bool(sharing.subject) and hasattr(self.instrument, "segment")
+        return sharing is not None and bool(sharing.subjects) and hasattr(self.instrument, "segment")
 
     def run(self, job: Job, keep_images: bool) -> SetResult:
         seeds = image_seeds(job.seed, self.sampling.set_size)

@@ -185,7 +185,7 @@ def _reference_anchors(model: LoadedModel, request: GenerationRequest, run: dict
         return None
     references = [r if isinstance(r, Reference) else read_reference(r) for r in request.references]
     check_references(references, values_to_match(request, model.geometry), model.source.get("ckpt_fingerprint"),
-                     request.sharing.subject, request.reference_prompt)
+                     request.sharing.subjects, request.reference_prompt)
     height, width = request.size_for(model.geometry)
     picture_run = dict(steps=request.steps, scale=request.scale, negative_prompt=request.negative_prompt, H=height,
                        W=width, prompt=request.reference_prompt)

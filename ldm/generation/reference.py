@@ -48,7 +48,7 @@ from ldm.models.diffusion.ddim import DDIMSampler
 from ldm.models.diffusion.ddim_inversion import invert
 from ldm.models.diffusion.guidance import ClassifierFreeGuidance
 from ldm.sharing import SharedAttentionSettings, subject_positions_for
-from ldm.sharing.masks import prompt_words
+from ldm.sharing.subject_words import check_prompts_name_subjects
 from ldm.sharing.reference import AnchorRecorder, RecordedAnchors
 
 # Metadata a reference PNG must carry to be regenerated.
@@ -125,23 +125,26 @@ def reference_notes(references: Sequence[Reference], height: int, width: int, pr
 
 
 def check_references(references: Sequence[Reference], run: dict[str, Any], fingerprint: Optional[str],
-                     subject: Sequence[str] = (), picture_prompt: str = "") -> None:
+                     subjects: Sequence[Sequence[str]] = (), picture_prompt: str = "") -> None:
     """Refuse references the run cannot extend: `run` holds the new run's values under the metadata's
     names (see `MUST_MATCH`); `fingerprint` is the checkpoint's (None when unknown, e.g. a test model).
-    With subject words, a reference's own prompt (a picture's: `picture_prompt`) must name the subject:
-    its mask is read from that word's cross-attention."""
-    wanted = {w.lower() for w in subject}
+    With subjects, a reference's own prompt (a picture's: `picture_prompt`) must name each subject (each
+    mask is read from its words' cross-attention), as a batch's prompts must."""
     for reference in references:
         if not reference.generated:
-            if wanted and not wanted & set(prompt_words(picture_prompt)):
+            try:
+                check_prompts_name_subjects([picture_prompt], subjects)
+            except InvalidValue as error:
                 raise InvalidValue("reference_prompt", picture_prompt,
-                                   f"contains none of the subject words ({', '.join(subject)}), so the subject "
-                                   f"of the picture {reference.path.name} cannot be found; name it in the prompt")
+                                   f"cannot locate the subjects of the picture {reference.path.name}: "
+                                   f"{error.problem.replace('the prompt of image 0', 'it')}") from None
             continue  # a picture: inverted with the run's own settings
-        if wanted and not wanted & set(prompt_words(reference.metadata["prompt"])):
+        try:
+            check_prompts_name_subjects([reference.metadata["prompt"]], subjects)
+        except InvalidValue as error:
             raise InvalidValue("references", str(reference.path),
-                               f"its prompt {reference.metadata['prompt']!r} contains none of the subject words "
-                               f"({', '.join(subject)}), so its subject cannot be found; change the subject words")
+                               f"its subjects cannot be found: {error.problem.replace('the prompt of image 0', 'its prompt')}"
+                               ) from None
         m = reference.metadata
         theirs = m.get("ckpt_fingerprint")
         if fingerprint is not None and theirs is not None and theirs != fingerprint:
@@ -201,8 +204,8 @@ def _record_generated_batch(module: Any, group: Sequence[Reference],
     m = group[0].metadata
     picked = [r.metadata["batch_index"] for r in group]
     positions = None
-    if settings.subject:
-        positions = subject_positions_for(module, [r.metadata["prompt"] for r in group], settings.subject)
+    if settings.subjects:
+        positions = subject_positions_for(module, [r.metadata["prompt"] for r in group], settings.subjects)
     recorder = AnchorRecorder(module, settings, picked, subject_positions=positions,
                               seed=int(group[0].metadata["seed"]))
     latent_shape = (m["C"], m["H"] // m["f"], m["W"] // m["f"])
@@ -237,13 +240,13 @@ def record_picture_anchors(module: Any, picture: Image.Image, settings: SharedAt
     error = float((back - x0).pow(2).mean().sqrt() / x0.pow(2).mean().sqrt())
     conditional, unconditional = conditionings(module, [prompt], negative_prompt, scale)
     guide = ClassifierFreeGuidance(module, conditional, unconditional, scale)
-    positions = subject_positions_for(module, [prompt], settings.subject) if settings.subject else None
+    positions = subject_positions_for(module, [prompt], settings.subjects) if settings.subjects else None
     recorder = AnchorRecorder(module, settings, [0], subject_positions=positions)
     with recorder.recording() as record:
         for step in range(steps):  # step 0 is the noisiest: the last latent of the trajectory
             index = steps - 1 - step
             # Subject masks are made from the calls before a step, so every step runs with them.
-            if settings.subject or settings.in_window(step / steps):
+            if settings.subjects or settings.in_window(step / steps):
                 guide(trajectory[index], int(sampler.ddim_timesteps[index]), step, steps)
     return record, picture, error
 

@@ -29,7 +29,7 @@ from ldm.generation.model import LatentGeometry
 from ldm.generation.reference import Reference
 from ldm.generation.sampling import batches, encode_steps
 from ldm.sharing import SharedAttentionSettings, select_layers
-from ldm.sharing.masks import check_prompts_name_subject
+from ldm.sharing.subject_words import check_prompts_name_subjects
 
 SAMPLERS = {"ddim": "DDIM", "plms": "PLMS", "dpm_solver": "DPM-Solver"}  # name -> how messages write it
 PRECISIONS = ("full", "autocast", "bfloat16")
@@ -280,6 +280,10 @@ def _check_references(r: GenerationRequest) -> None:
     if r.sampler != "ddim":
         raise InvalidValue("sampler", r.sampler, "a reference's keys are recorded per step, which needs one "
                                                  "model call per step: use DDIM")
+    if r.sharing.isolated and r.sharing.adain:
+        raise InvalidValue("sharing.adain", True, "AdaIN per subject beside a reference is not supported (a reference "
+                                                  "records its first anchor's whole-image statistics); drop AdaIN or "
+                                                  "the reference")
 
 
 def _check_input_channels(r: GenerationRequest, model: ModelDescription) -> None:
@@ -320,8 +324,11 @@ def _check_sharing(r: GenerationRequest) -> None:
         return
     if not isinstance(r.sharing, SharedAttentionSettings):
         raise InvalidValue("sharing", r.sharing, "must be a SharedAttentionSettings or None")
-    if r.sharing.subject:
-        check_prompts_name_subject(r.prompts, r.sharing.subject)
+    if r.sharing.subjects:
+        try:
+            check_prompts_name_subjects(r.prompts, r.sharing.subjects)
+        except InvalidValue as error:
+            raise error.within("sharing") from None
     if r.sharing.strength == -math.inf:
         return  # sharing switched off by its strength: no step needs to be selected
     total = r.denoising_steps

@@ -7,7 +7,8 @@ where the next mechanism goes. The modules of the package, one job each:
     layers.py      which layers share: tags, group names, the `--shared-attn help` listing
     kernels.py     which keys and values each query image sees, and one attention over them
     transforms.py  AdaIN, the group mean, 2x2 pooling: q, k, v transformed before the kernels
-    masks.py       subject masks read from the subject words' cross-attention
+    subject_words.py  where each subject is named in each prompt (its tokens)
+    masks.py       subject masks read from the subject words' cross-attention, one label per token
     run.py         SharingRun: one run's state (masks, dropout generator, reference) and its `attend`
     controller.py  SharedAttention: switches a run on for this project's UNet, and off again
     reference.py   anchors recorded in one run and offered to later ones
@@ -49,10 +50,15 @@ What each query sees (B images in a sharing group, N tokens each, keys/values K_
   strengthens it.
 
 Subject-aware options (the best training-free methods' knobs; kernels.py's gathered kernel, masks.py):
-- subject words: of the other images, a query sees only the tokens that show the subject, read from
-  the cross-attention of the subject's words (an Otsu-thresholded map); its own image stays fully
+- subjects: of the other images, a query sees only the tokens that show a subject, read from the
+  cross-attention of the subject's words (an Otsu-thresholded map); its own image stays fully
   visible. Backgrounds are then not pulled together. No mask exists at the first model call, so
   sharing starts at the second. Not with "others" (a query could see nothing) or "mean".
+  Several subjects each get their own mask (a token in two masks goes to the subject whose words it
+  attends to more). "pooled" (ConsiStory's pooled masks): every query sees every subject's tokens of
+  the others, so one character can copy another's appearance. "isolated": a query inside subject A's
+  mask sees its own image and subject A's tokens of the others only; a query outside every mask sees
+  its own image only. One character then never copies from another (kernels.attend_within_subjects).
 - dropout p: each offered token of the other images is dropped with probability p, drawn anew at
   every model call from a generator seeded with the run's seed (the first image's seed of the batch),
   so runs reproduce. Dropped tokens are left out, not masked, so they cost nothing; layouts stay
@@ -60,6 +66,8 @@ Subject-aware options (the best training-free methods' knobs; kernels.py's gathe
 - AdaIN: before attending, every image's queries and keys get the per-channel mean and std (over its
   tokens) of the first image of its sharing group (the first anchor in anchor mode), so the
   images' attention statistics, and with them style, line up. Identical images stay unchanged.
+  With isolated subjects, per subject: subject A's tokens get the statistics of subject A's tokens in
+  the first image, and tokens of no subject keep theirs.
 
 Anchors recorded in another run (a reference, reference.py): in anchor mode the anchors' keys and
 values never depend on the other images, so they can be recorded in an earlier pass and offered to
@@ -108,8 +116,11 @@ Use
     with shared_attention(model, groups="up", mode="all", steps=(0.0, 0.6)):
         samples, _ = sampler.sample(...)
 
-    with shared_attention(model, groups="up", subject="chair", dropout=0.5, prompts=prompts, seed=42):
+    with shared_attention(model, groups="up", subjects="chair", dropout=0.5, prompts=prompts, seed=42):
         ...  # `prompts`: the batch's prompts, to find the subject's tokens (or `subject_positions=`)
+
+    with shared_attention(model, groups="up", subjects="man;dog", subject_sharing="isolated", prompts=prompts):
+        ...  # two characters, each consistent with itself only
 
 A step window needs the sampler's step, which the guidance helper passes; outside a sampler (a bare
 UNet call) no step is known and the window is ignored.

@@ -20,7 +20,8 @@ from ldm.modules.attention import PLAIN, CrossAttention, processors_installed, r
 from ldm.modules.cross_attention_read import cross_attention_layers
 from ldm.modules.step_context import LayerCall
 from ldm.sharing.layers import find_unet, select_layers, tagged_layers
-from ldm.sharing.masks import SubjectMasks, subject_token_positions
+from ldm.sharing.masks import SubjectMasks
+from ldm.sharing.subject_words import Positions, per_subject, subject_token_positions
 from ldm.sharing.run import SharingRun
 from ldm.sharing.settings import SharedAttentionSettings
 
@@ -59,21 +60,22 @@ def active_run(model: nn.Module) -> Optional[SharingRun]:
 class SharedAttention:
     """Batch sharing with `settings` on a LatentDiffusion model or a UNetModel, for a `with` block.
 
-    `subject_positions[i]`: the subject's token positions in the prompt of (conditional) image i, needed
-    with subject words (`subject_token_positions` finds them from the prompts); `seed`: the run's seed,
+    `subject_positions[s][i]`: subject s's token positions in the prompt of (conditional) image i (for a
+    single subject [i] will do), needed with subjects (`subject_token_positions` finds them from the
+    prompts); `seed`: the run's seed,
     which seeds the dropout generator; `reference`: anchors recorded in another run that every image
     also attends to. Each entry starts a fresh run (masks, dropout draws)."""
 
     def __init__(self, model: nn.Module, settings: SharedAttentionSettings,
-                 subject_positions: Optional[Sequence[Sequence[int]]] = None, seed: int = 0,
+                 subject_positions: Optional[Sequence] = None, seed: int = 0,
                  reference: Optional["RecordedAnchors"] = None):
-        if settings.subject and subject_positions is None:
+        if settings.subjects and subject_positions is None:
             raise ValueError("subject masks need the subject's token positions in each prompt; pass the prompts "
                              "(or subject_positions)")
         self.settings = settings
         self.unet = find_unet(model)
         self.layers = select_layers(self.unet, settings.groups)
-        self.subject_positions = subject_positions
+        self.subject_positions = None if subject_positions is None else per_subject(subject_positions)
         self.seed = int(seed)
         self.reference = reference
         self.run: Optional[SharingRun] = None
@@ -86,7 +88,7 @@ class SharedAttention:
         scope = ExitStack()
         scope.enter_context(processors_installed([(layer, SharingProcessor(self.run, name))
                                                   for name, layer in self.layers]))
-        if self.settings.subject:
+        if self.settings.subjects:
             scope.enter_context(readers_added([(layer, self.run.read_cross_attention)
                                                for _, tag, layer in cross_attention_layers(self.unet)
                                                if SubjectMasks.reads(tag)]))
@@ -100,31 +102,32 @@ class SharedAttention:
 
 def shared_attention(model: nn.Module, groups: Union[str, Sequence[str]] = "all", mode: str = "all",
                      anchors: int = 1, steps: tuple[float, float] = (0.0, 1.0), strength: float = 0.0,
-                     subject: Union[str, Sequence[str]] = (), dropout: float = 0.0, adain: bool = False,
-                     prompts: Optional[Sequence[str]] = None,
-                     subject_positions: Optional[Sequence[Sequence[int]]] = None, seed: int = 0) -> SharedAttention:
+                     subjects: Union[str, Sequence] = (), dropout: float = 0.0, adain: bool = False,
+                     subject_sharing: str = "pooled", prompts: Optional[Sequence[str]] = None,
+                     subject_positions: Optional[Sequence] = None, seed: int = 0) -> SharedAttention:
     """`with shared_attention(model, groups="up"): ...` turns batch sharing on for the selected layers.
-    With `subject`, give the batch's `prompts` (a LatentDiffusion model finds the words' tokens with its
-    tokenizer) or the token positions directly; `seed` seeds the dropout."""
+    With `subjects` ("chair", or "chair;lamp" for two), give the batch's `prompts` (a LatentDiffusion
+    model finds the words' tokens with its tokenizer) or the token positions directly; `seed` seeds the
+    dropout."""
     settings = SharedAttentionSettings(groups=groups, mode=mode, anchors=anchors, steps=steps, strength=strength,
-                                       subject=subject, dropout=dropout, adain=adain)
+                                       subjects=subjects, dropout=dropout, adain=adain, subject_sharing=subject_sharing)
     return controller_for(model, settings, prompts=prompts, subject_positions=subject_positions, seed=seed)
 
 
 def controller_for(model: nn.Module, settings: SharedAttentionSettings, prompts: Optional[Sequence[str]] = None,
-                   subject_positions: Optional[Sequence[Sequence[int]]] = None, seed: int = 0,
+                   subject_positions: Optional[Sequence] = None, seed: int = 0,
                    reference: Optional["RecordedAnchors"] = None) -> SharedAttention:
     """The controller of `settings` for a batch of `prompts` (needed with subject words unless
     `subject_positions` is given) generated from `seed`, beside `reference`'s anchors if given."""
-    if settings.subject and subject_positions is None and prompts is not None:
-        subject_positions = subject_positions_for(model, prompts, settings.subject)
+    if settings.subjects and subject_positions is None and prompts is not None:
+        subject_positions = subject_positions_for(model, prompts, settings.subjects)
     return SharedAttention(model, settings, subject_positions=subject_positions, seed=seed, reference=reference)
 
 
-def subject_positions_for(model: nn.Module, prompts: Sequence[str], words: Sequence[str]) -> list[tuple[int, ...]]:
-    """The subject words' token positions in each prompt, found with `model`'s text encoder's tokenizer."""
+def subject_positions_for(model: nn.Module, prompts: Sequence[str], subjects: Sequence[Sequence[str]]) -> Positions:
+    """Each subject's token positions in each prompt, found with `model`'s text encoder's tokenizer."""
     encoder = getattr(model, "cond_stage_model", None)
     if encoder is None or not hasattr(encoder, "tokenizer"):
         raise TypeError("finding the subject's tokens needs a model with a text encoder (cond_stage_model); "
                         "for a bare UNet pass subject_positions")
-    return subject_token_positions(encoder.tokenizer, prompts, words, getattr(encoder, "max_length", 77))
+    return subject_token_positions(encoder.tokenizer, prompts, subjects, getattr(encoder, "max_length", 77))

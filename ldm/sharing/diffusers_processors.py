@@ -45,7 +45,8 @@ from einops import rearrange
 
 from ldm.modules.step_context import TAG_BASE_RESOLUTION, LayerCall, StepContext
 from ldm.sharing.layers import selected_tags
-from ldm.sharing.masks import SubjectMasks, subject_token_positions
+from ldm.sharing.masks import SubjectMasks
+from ldm.sharing.subject_words import per_subject, subject_token_positions
 from ldm.sharing.run import SharingRun
 from ldm.sharing.settings import SharedAttentionSettings
 
@@ -161,15 +162,15 @@ class DiffusersSharedAttention:
 
     def __init__(self, pipeline: Any, settings: SharedAttentionSettings, prompts: Optional[Sequence[str]] = None,
                  subject_positions: Optional[Sequence[Sequence[int]]] = None, seed: int = 0) -> None:
-        if settings.subject and subject_positions is None:
+        if settings.subjects and subject_positions is None:
             if prompts is None or getattr(pipeline, "tokenizer", None) is None:
                 raise ValueError("subject masks need the subject's token positions in each prompt; pass the "
                                  "prompts (with a pipeline that has a tokenizer) or subject_positions")
             tokenizer = pipeline.tokenizer
-            subject_positions = subject_token_positions(_plain_ids(tokenizer), prompts, settings.subject,
+            subject_positions = subject_token_positions(_plain_ids(tokenizer), prompts, settings.subjects,
                                                         tokenizer.model_max_length)
         self.settings = settings
-        self.subject_positions = subject_positions
+        self.subject_positions = None if subject_positions is None else per_subject(subject_positions)
         self.seed = int(seed)
         self.pipeline = pipeline
         self.unet = pipeline.unet
@@ -177,7 +178,7 @@ class DiffusersSharedAttention:
         chosen = selected_tags(list(tags.values()), settings.groups)
         self.layers = [(name, tag) for (name, tag), keep in zip(tags.items(), chosen) if keep]
         self.readers = [(name, tag) for name, tag in _layer_tags(self.unet, "attn2").items()
-                        if settings.subject and SubjectMasks.reads(tag)]
+                        if settings.subjects and SubjectMasks.reads(tag)]
         self.run: Optional[SharingRun] = None
         self.step: Optional[StepContext] = None  # the running UNet call's, built by the step hook
         self._previous: dict[str, Any] = {}

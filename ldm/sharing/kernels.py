@@ -157,16 +157,55 @@ def attend_own_and_offered(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, of
         return memory_linear_attention(q, k_all, v_all, scale=scale)
     out = q.new_empty(q.shape)  # (B, heads, N, d)
     for i in range(batch):
-        k_i, v_i = torch.cat(keys[i], dim=1)[None], torch.cat(values[i], dim=1)[None]  # (1, heads, L_i, d)
-        q_i = q[i:i + 1]
-        if strength != 0.0 and lengths[i] > own:
-            # One extra channel: query 1, key 0 (own) or strength / scale (offered), so that
-            # scale * (q_extra . k_extra) is the bias; padded to one multiple of 8 so fused kernels apply.
-            width = 8 * math.ceil((d + 1) / 8)
-            bias = torch.cat([q.new_zeros(own), q.new_full((lengths[i] - own,), strength / scale)])  # (L_i,)
-            q_i = F.pad(torch.cat([q_i, q.new_ones(1, heads, q.shape[2], 1)], dim=-1), (0, width - d - 1))
-            k_i = F.pad(torch.cat([k_i, bias[None, None, :, None].expand(1, heads, -1, 1)], dim=-1),
-                        (0, width - d - 1))
-            v_i = F.pad(v_i, (0, width - d))
-        out[i] = memory_linear_attention(q_i, k_i, v_i, scale=scale)[0, ..., :d]
+        out[i] = _own_then_offered(q[i:i + 1], keys[i], values[i], own, strength, scale)[0]
+    return out
+
+
+def _own_then_offered(q: torch.Tensor, keys: Sequence[torch.Tensor], values: Sequence[torch.Tensor], own: int,
+                      strength: float, scale: float) -> torch.Tensor:
+    """One attention call: q (1, heads, n, d) over the concatenated keys (heads, L_k, d) and values, the
+    first `own` of them the query image's own; `strength` is added to the logits of the others.
+    Returns (1, heads, n, d)."""
+    _, heads, n, d = q.shape
+    k_i, v_i = torch.cat(list(keys), dim=1)[None], torch.cat(list(values), dim=1)[None]  # (1, heads, L, d)
+    length = k_i.shape[2]
+    if strength != 0.0 and length > own:
+        # One extra channel: query 1, key 0 (own) or strength / scale (offered), so that
+        # scale * (q_extra . k_extra) is the bias; padded to one multiple of 8 so fused kernels apply.
+        width = 8 * math.ceil((d + 1) / 8)
+        bias = torch.cat([q.new_zeros(own), q.new_full((length - own,), strength / scale)])  # (L,)
+        q = F.pad(torch.cat([q, q.new_ones(1, heads, n, 1)], dim=-1), (0, width - d - 1))
+        k_i = F.pad(torch.cat([k_i, bias[None, None, :, None].expand(1, heads, -1, 1)], dim=-1), (0, width - d - 1))
+        v_i = F.pad(v_i, (0, width - d))
+    return memory_linear_attention(q, k_i, v_i, scale=scale)[..., :d]
+
+
+def attend_within_subjects(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, offered_k: Sequence[torch.Tensor],
+                           offered_v: Sequence[torch.Tensor], offered_labels: Sequence[torch.Tensor],
+                           query_labels: torch.Tensor, seen: Sequence[Sequence[int]], *, strength: float,
+                           scale: float) -> torch.Tensor:
+    """Isolated subjects: the queries of image i inside subject a's mask (query_labels[i] == a, a >= 1)
+    attend to [own k_i, v_i; the tokens labelled a that the images seen[i] offer]; its queries outside
+    every mask (label 0) to its own tokens only. q, k, v (B, heads, N, d); offers (heads, M_j, d) with
+    their labels (M_j,); query_labels (B, N). Returns (B, heads, N, d).
+
+    Each (image, label) is one attention call over exactly its keys, so no query ever receives weight on
+    another subject's tokens, and nothing is padded."""
+    batch, _, tokens, _ = q.shape
+    out = q.new_empty(q.shape)  # (B, heads, N, d)
+    for i in range(batch):
+        for label in torch.unique(query_labels[i]).tolist():
+            rows = (query_labels[i] == label).nonzero().flatten()  # (n_a,) query tokens of this subject
+            keys, values = [k[i]], [v[i]]
+            if label > 0:
+                for j in seen[i]:
+                    chosen = offered_labels[j] == label  # (M_j,)
+                    keys.append(offered_k[j][:, chosen])
+                    values.append(offered_v[j][:, chosen])
+            q_rows = q[i:i + 1, :, rows] if len(rows) < tokens else q[i:i + 1]  # (1, heads, n_a, d)
+            attended = _own_then_offered(q_rows, keys, values, tokens, strength, scale)[0]  # (heads, n_a, d)
+            if len(rows) < tokens:
+                out[i][:, rows] = attended
+            else:
+                out[i] = attended
     return out

@@ -37,10 +37,11 @@ from einops import rearrange
 from ldm.modules.attention import CrossAttention, readers_added
 from ldm.modules.cross_attention_read import cross_attention_layers
 from ldm.modules.step_context import LayerCall
-from ldm.sharing.kernels import attend_across_images, attend_own_and_offered
+from ldm.sharing.kernels import attend_across_images, attend_own_and_offered, attend_within_subjects
 from ldm.sharing.layers import find_unet, select_layers
 from ldm.sharing.masks import SubjectMasks
 from ldm.sharing.settings import SharedAttentionSettings
+from ldm.sharing.subject_words import per_subject
 from ldm.sharing.transforms import adain_transfer, channel_statistics
 
 Key = tuple[str, float]  # (layer module path, step progress)
@@ -49,18 +50,20 @@ Statistics = tuple[torch.Tensor, torch.Tensor]  # (mean, std), each (halves, A, 
 
 @dataclass
 class AnchorEntry:
-    """What the anchors offer at one (layer, step): k, v (halves, A, heads, N, d); with subject words
-    their masks on the layer's token grid (A, N); with AdaIN their query and key statistics."""
+    """What the anchors offer at one (layer, step): k, v (halves, A, heads, N, d); with subjects their
+    masks on the layer's token grid (A, N) (isolated subjects: each token's subject, `labels` (A, N) in
+    0..S); with AdaIN their query and key statistics."""
 
     k: torch.Tensor
     v: torch.Tensor
     mask: Optional[torch.Tensor] = None
     q_statistics: Optional[Statistics] = None
     k_statistics: Optional[Statistics] = None
+    labels: Optional[torch.Tensor] = None
 
     @property
     def nbytes(self) -> int:
-        tensors = [self.k, self.v] + ([self.mask] if self.mask is not None else [])
+        tensors = [self.k, self.v] + [t for t in (self.mask, self.labels) if t is not None]
         for statistics in (self.q_statistics, self.k_statistics):
             tensors += list(statistics or ())
         return sum(t.numel() * t.element_size() for t in tensors)
@@ -74,7 +77,8 @@ class AnchorEntry:
             return None if a is None else (joined(a[0], b[0], 1), joined(a[1], b[1], 1))
         return AnchorEntry(joined(self.k, other.k, 1), joined(self.v, other.v, 1), joined(self.mask, other.mask, 0),
                            joined_statistics(self.q_statistics, other.q_statistics),
-                           joined_statistics(self.k_statistics, other.k_statistics))
+                           joined_statistics(self.k_statistics, other.k_statistics),
+                           joined(self.labels, other.labels, 0))
 
 
 class RecordedAnchors:
@@ -107,10 +111,11 @@ class RecordedAnchors:
 
     def attend(self, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, settings: SharedAttentionSettings,
                draw: Callable[[int, int], torch.Tensor], call: LayerCall, layer: str, strength: float,
-               scale: float) -> torch.Tensor:
+               scale: float, query_labels: Optional[torch.Tensor] = None) -> torch.Tensor:
         """q, k, v (B, heads, N, d) of the shared layer `layer` (module path) -> each image over [own, anchors'
         offers]: (B, heads, N, d). `settings`: the later run's; `draw(rows, tokens)`: its dropout generator's
-        next uniform draw; `call`: the guidance halves and the step."""
+        next uniform draw; `call`: the guidance halves and the step; `query_labels` (B, N): with isolated
+        subjects, the subject of each of the new images' tokens."""
         halves, progress = call.step.halves, call.step.progress
         key = (layer, progress)
         if key not in self.entries:
@@ -123,13 +128,21 @@ class RecordedAnchors:
                              f"has {halves}; use the reference's guidance scale")
         if settings.adain:
             q, k, anchor_k = _adain_towards_first_anchor(q, k, anchor_k, entry, halves)
+        if settings.isolated:
+            if entry.labels is None or query_labels is None:
+                raise ValueError("the anchors were recorded without isolated subjects' labels; record them with "
+                                 "the run's subjects")
+            return self._gathered(q, k, v, anchor_k, anchor_v, None, settings.dropout, draw, strength, scale,
+                                  entry.labels, query_labels)
         if entry.mask is None and settings.dropout == 0:
             return _attend_own_then_anchors(q, k, v, anchor_k, anchor_v, halves, strength, scale)
         return self._gathered(q, k, v, anchor_k, anchor_v, entry.mask, settings.dropout, draw, strength, scale)
 
-    def _gathered(self, q, k, v, anchor_k, anchor_v, mask, p, draw, strength, scale) -> torch.Tensor:
+    def _gathered(self, q, k, v, anchor_k, anchor_v, mask, p, draw, strength, scale, labels=None,
+                  query_labels=None) -> torch.Tensor:
         """As the batch's gathered kernel: each anchor offers its subject tokens, less those dropped by
-        the draw of a batch [anchors; new images] (rows of the anchors); each image sees its own and these."""
+        the draw of a batch [anchors; new images] (rows of the anchors); each image sees its own and these
+        (with isolated subjects, `labels` (A, M): a query of subject a sees the anchors' tokens of a only)."""
         halves, A, _, M, _ = anchor_k.shape
         per_half = q.shape[0] // halves
         keep = torch.ones(halves, A, M, dtype=torch.bool, device=q.device)
@@ -138,9 +151,15 @@ class RecordedAnchors:
         if p > 0:
             drawn = draw(halves * (A + per_half), M)  # the draw of a batch [anchors; new]
             keep &= rearrange(drawn, "(k g) m -> k g m", k=halves)[:, :A].to(q.device) >= p
+        if labels is not None:
+            keep &= labels.to(q.device)[None] > 0  # only subject tokens are offered
         offered_k = [anchor_k[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]  # (heads, M_a, d)
         offered_v = [anchor_v[h, a][:, keep[h, a]] for h in range(halves) for a in range(A)]
         seen = [[(i // per_half) * A + a for a in range(A)] for i in range(q.shape[0])]  # same half's anchors
+        if labels is not None:
+            offered_labels = [labels[a].to(q.device)[keep[h, a]] for h in range(halves) for a in range(A)]
+            return attend_within_subjects(q, k, v, offered_k, offered_v, offered_labels, query_labels, seen,
+                                          strength=strength, scale=scale)
         return attend_own_and_offered(q, k, v, offered_k, offered_v, seen, include_own=True, strength=strength,
                                       scale=scale)
 
@@ -185,7 +204,7 @@ class AnchorRecorder:
     words give `subject_positions` (of those images' prompts); `seed`: the first recorded image's seed."""
 
     def __init__(self, model: nn.Module, settings: SharedAttentionSettings, indices: Sequence[int],
-                 dtype: Optional[torch.dtype] = None, subject_positions: Optional[Sequence[Sequence[int]]] = None,
+                 dtype: Optional[torch.dtype] = None, subject_positions: Optional[Sequence] = None,
                  seed: Optional[int] = None):
         self.unet = find_unet(model)
         self.layers: list[tuple[str, CrossAttention]] = select_layers(self.unet, settings.groups)
@@ -194,11 +213,11 @@ class AnchorRecorder:
         self.dtype = dtype
         self.record = RecordedAnchors(seed)
         self.masks: Optional[SubjectMasks] = None
-        if settings.subject:
+        if settings.subjects:
             if subject_positions is None:
-                raise ValueError("recording anchors for subject masks needs the subject's token positions in "
+                raise ValueError("recording anchors for subject masks needs the subjects' token positions in "
                                  "their prompts")
-            self.masks = SubjectMasks(subject_positions)  # of the recorded images, from their own cross-attention
+            self.masks = SubjectMasks(per_subject(subject_positions))  # of the recorded images, their own attention
 
     @contextmanager
     def recording(self) -> Iterator[RecordedAnchors]:
@@ -235,6 +254,8 @@ class AnchorRecorder:
             entry = AnchorEntry(chosen(layer.to_k).contiguous(), chosen(layer.to_v).contiguous())
             if self.masks is not None:
                 entry.mask = self.masks.on_grid(call.grid).clone()  # (A, N)
+                if self.settings.isolated:
+                    entry.labels = self.masks.labels_on_grid(call.grid).to(torch.uint8)  # (A, N) in 0..S
             if self.settings.adain:
                 entry.q_statistics, entry.k_statistics = channel_statistics(chosen(layer.to_q)), \
                     channel_statistics(entry.k)

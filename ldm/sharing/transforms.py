@@ -56,3 +56,23 @@ def pool_tokens(t: torch.Tensor, grid: tuple[int, int]) -> tuple[torch.Tensor, t
     pooled = F.avg_pool2d(image, kernel_size=2, ceil_mode=True)  # (B*heads, d, h', w')
     out_grid = (pooled.shape[-2], pooled.shape[-1])
     return rearrange(pooled, "(b e) d h w -> b e (h w) d", b=t.shape[0]), out_grid
+
+
+def adain_per_subject(t: torch.Tensor, labels: torch.Tensor, halves: int) -> torch.Tensor:
+    """AdaIN for isolated subjects: in every image, the tokens of subject a (labels == a, a >= 1) get the
+    per-channel mean and std of subject a's tokens in the first image of its sharing group; tokens of no
+    subject, a subject the first image does not show, and the first image itself stay as they are.
+    t (B, heads, N, d), labels (B, N) in 0..S -> same shape as t."""
+    out = t.clone()
+    group = t.shape[0] // halves
+    for half in range(halves):
+        first = half * group
+        for label in torch.unique(labels[first]).tolist():
+            if label == 0:
+                continue
+            target = channel_statistics(t[first][:, labels[first] == label])  # (heads, 1, d) each
+            for i in range(first + 1, first + group):
+                rows = labels[i] == label  # (N,)
+                if rows.any():
+                    out[i][:, rows] = adain_transfer(t[i][:, rows], channel_statistics(t[i][:, rows]), target)
+    return out

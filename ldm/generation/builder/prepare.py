@@ -76,7 +76,7 @@ def prepare_run(values: RunValues) -> PreparedRun:
         references = tuple(r if isinstance(r, Reference) else read_reference(r, values.limits)
                            for r in request.references)
         check_references(references, values_to_match(request, model.spec.geometry),
-                         checkpoint_fingerprint(model.ckpt), request.sharing.subject, request.reference_prompt)
+                         checkpoint_fingerprint(model.ckpt), request.sharing.subjects, request.reference_prompt)
         notes += reference_notes(references, *request.size_for(model.spec.geometry), request.reference_prompt)
         request = request.with_references(references)
     if sharing is not None and sharing.mode == "anchor" and sharing.anchors >= request.batch_size:

@@ -26,6 +26,7 @@ def sharing_settings(values: SharingValues, compare: bool = False) -> Optional[S
     try:
         return SharedAttentionSettings.from_values(
             values.groups, mode=values.mode, anchors=values.anchors, steps=values.steps, strength=values.strength,
-            subject=values.subject, dropout=values.dropout, adain=values.adain)
+            subjects=values.subjects, dropout=values.dropout, adain=values.adain,
+            subject_sharing=values.subject_sharing)
     except InvalidValue as error:
         raise error.within("sharing") from None

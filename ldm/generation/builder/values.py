@@ -40,14 +40,16 @@ class SharingValues:
     anchors: Optional[int] = None
     steps: Optional[str] = None  # "START:END" fractions, e.g. "0:0.4"
     strength: Optional[float] = None
-    subject: Optional[str] = None  # "WORD[,WORD...]"
+    # "WORD[,WORD...]" for each subject: a tuple (a repeated flag) or one text, subjects separated by ';'
+    subjects: Union[None, str, tuple[str, ...]] = None
     dropout: Optional[float] = None
     adain: Optional[bool] = None
+    subject_sharing: Optional[str] = None  # "pooled" or "isolated"
 
     def given(self) -> list[str]:
         """The options other than `groups` that were given, in field order."""
-        return [name for name in ("mode", "anchors", "steps", "strength", "subject", "dropout", "adain")
-                if getattr(self, name) is not None]
+        return [name for name in ("mode", "anchors", "steps", "strength", "subjects", "dropout", "adain",
+                                  "subject_sharing") if getattr(self, name) is not None]
 
 
 @dataclass(frozen=True)
